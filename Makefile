@@ -1,0 +1,50 @@
+# ros2_cbpnet: the two commands a newcomer needs are `make demo` and `make test`.
+# Both create .venv on first use (torch/timm/ROS 2 wheels from PyPI) and skip that step after.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ros2_cbpnet-installed
+DATASET ?= digits
+PYTEST_ARGS ?=
+# DDS stays on this machine, in a domain of its own per run (see README, "Network").
+ROS_ENV := ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST \
+	ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-$$(( ($$$$ % 90) + 5 ))} \
+	AMENT_PREFIX_PATH=$(CURDIR)/$(VENV) HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+.PHONY: install test test-fast demo eval bench soak clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $(STAMP)
+	@echo "ros2_cbpnet: environment ready in $(VENV)"
+
+test: install
+	$(ROS_ENV) $(PY) -m pytest test $(PYTEST_ARGS)
+
+test-fast: install
+	$(ROS_ENV) $(PY) -m pytest test -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	@if [ "$(DATASET)" = "fashion-mnist" ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+		echo "installing the Debian package dataset-fashion-mnist"; \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist); fi
+	$(ROS_ENV) $(VENV)/bin/cbpnet-demo --dataset $(DATASET) $(DEMO_ARGS)
+
+eval: install
+	$(ROS_ENV) $(VENV)/bin/cbpnet-eval $(EVAL_ARGS)
+
+bench: install
+	$(ROS_ENV) $(VENV)/bin/cbpnet-bench $(BENCH_ARGS)
+
+soak: install
+	$(ROS_ENV) $(PY) scripts/soak.py $(SOAK_ARGS)
+
+clean:
+	rm -rf $(VENV) build install log *.egg-info .pytest_cache

@@ -1,0 +1,107 @@
+"""Accuracy plots for class-incremental runs (no ROS; matplotlib imported lazily).
+
+matplotlib is imported inside the function and drawn through its Agg canvas directly, never
+through ``pyplot``: no global backend switch, no display needed, and it is safe to call from a
+ROS executor thread.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from ros2_cbpnet.metrics import _triangle
+
+__all__ = ['plot_accuracy_curves']
+
+
+def _running_average(acc: list[list[float]]) -> list[float]:
+    """Average accuracy over the tasks seen so far, after each task, in percent."""
+    return [100.0 * float(np.mean(row)) for row in acc]
+
+
+def plot_accuracy_curves(results: Sequence[dict[str, Any]], path: str,
+                         title: str | None = None) -> str:
+    """Plot average accuracy over seen tasks versus the number of tasks learnt.
+
+    One line per result, labelled by its method. With a single result a second panel shows its
+    accuracy matrix as an annotated heat map.
+
+    Args:
+        results: Dicts with ``'method'`` (str) and ``'acc_matrix'`` (see
+            :mod:`ros2_cbpnet.metrics`); an optional ``'dataset'`` is used in the default
+            title, other keys (e.g. ``'std'``) are ignored.
+        path: Output PNG path; missing parent folders are created.
+        title: Figure title; defaults to the data set name(s) if given.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: No results, a result without ``'method'`` or ``'acc_matrix'``, or a bad
+            accuracy matrix.
+    """
+    if not results:
+        raise ValueError('plot_accuracy_curves needs at least one result')
+    curves = []
+    for k, res in enumerate(results):
+        if 'method' not in res or 'acc_matrix' not in res:
+            raise ValueError(f"result {k} needs keys 'method' and 'acc_matrix', "
+                             f'has {sorted(res)}')
+        curves.append((str(res['method']), _triangle(res['acc_matrix'])))
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    single = len(curves) == 1
+    fig = Figure(figsize=(8, 3.5) if single else (6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1) if single else fig.add_subplot(1, 1, 1)
+    max_tasks = 1
+    for method, acc in curves:
+        x = np.arange(1, len(acc) + 1)
+        ax.plot(x, _running_average(acc), marker='o', label=method)
+        max_tasks = max(max_tasks, len(acc))
+    ax.set_xlabel('tasks learnt')
+    ax.set_ylabel('avg. accuracy on seen tasks (%)')
+    ax.set_xticks(np.arange(1, max_tasks + 1))
+    ax.set_xlim(0.7, max_tasks + 0.3)
+    ax.set_ylim(0, 102)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc='lower left', fontsize='small')
+
+    if single:
+        method, acc = curves[0]
+        n = len(acc)
+        grid = np.full((n, n), np.nan)
+        for i, row in enumerate(acc):
+            grid[i, :i + 1] = 100.0 * np.asarray(row)
+        hm = fig.add_subplot(1, 2, 2)
+        image = hm.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=100, cmap='viridis')
+        # Keep the annotations legible on 10+ tasks without overlapping.
+        size = 8 if n <= 6 else max(4, 8 - (n - 6) // 2)
+        for i in range(n):
+            for j in range(i + 1):
+                v = grid[i, j]
+                hm.text(j, i, f'{v:.0f}', ha='center', va='center', fontsize=size,
+                        color='black' if v > 60 else 'white')
+        hm.set_xticks(range(n), [str(j + 1) for j in range(n)])
+        hm.set_yticks(range(n), [str(i + 1) for i in range(n)])
+        hm.set_xlabel('accuracy on task')
+        hm.set_ylabel('after learning task')
+        hm.set_title(f'{method}: accuracy (%)', fontsize='medium')
+        fig.colorbar(image, ax=hm, fraction=0.046, pad=0.04)
+
+    if title is None:
+        datasets = sorted({str(r['dataset']) for r in results if r.get('dataset')})
+        title = ', '.join(datasets) if datasets else None
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fig.savefig(path, format='png')
+    return path
