@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 __all__ = [
-    'CheckpointError', 'SCHEMA_VERSION', 'list_checkpoints', 'load_newest_valid',
+    'CheckpointError', 'IncompatibleCheckpointError', 'SCHEMA_VERSION', 'list_checkpoints', 'load_newest_valid',
     'read_checkpoint', 'write_checkpoint',
 ]
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .model.backbones import (EMBEDDED_BACKBONE, Backbone, ViTBackbone, load_backbone,
-                              parameter_count)
+from .model.backbones import (EMBEDDED_BACKBONE, Backbone, ViTBackbone,
+                              backbone_parameter_count, load_backbone)
 from .model.cbpnet import PREDICTION_MODES, SELECTION_MODES, CBPNet
 
 __all__ = [
@@ -287,15 +287,15 @@ class ContinualLearner:
         return self._snapshot.state
 
     def parameter_counts(self) -> Dict[str, int]:
-        """Trainable parameters of one task (G, one E-prompt and key, block, head at the
-        current size) against the frozen backbone's parameters."""
+        """Parameters trained for one task (G-prompt, one E-prompt and key, CBP block, head
+        at its current size) and the frozen backbone's (without its ImageNet classifier)."""
         st = self._snapshot.state
         per_task = sum(p.numel() for p in st.g_prompt.parameters())
         per_task += sum(math.prod(s) for s in st._e_shapes.values()) + st.feature_dim
         per_task += sum(p.numel() for p in st.cbp.parameters())
         per_task += st.head_weight.numel() + st.head_bias.numel()
         return {'trainable_params': int(per_task),
-                'backbone_params': parameter_count(self.backbone)}
+                'backbone_params': backbone_parameter_count(self.backbone)}
 
     def cbp_stats(self) -> Dict[str, Any]:
         """CBP block statistics for diagnostics."""

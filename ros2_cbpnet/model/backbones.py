@@ -413,6 +413,16 @@ def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def backbone_parameter_count(backbone: Backbone) -> int:
+    """Parameters of the frozen feature extractor, without timm's unused ImageNet classifier."""
+    total = parameter_count(backbone.model)
+    get_classifier = getattr(backbone.model, 'get_classifier', None)
+    classifier = get_classifier() if callable(get_classifier) else None
+    if isinstance(classifier, nn.Module):
+        total -= parameter_count(classifier)
+    return total
+
+
 def normalise_layers(layers: Sequence[int]) -> List[int]:
     """Sorted unique layer indices."""
     return sorted({int(i) for i in layers})

@@ -1,0 +1,1 @@
+"""Command-line tools around the learner (no ROS needed): ``cbpnet-eval`` and friends."""
