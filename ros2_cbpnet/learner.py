@@ -52,7 +52,9 @@ class LearnerConfig:
 
     Empty ``g_prompt_layers``/``e_prompt_layers`` select the family default (ViT:
     DualPrompt's G in 0-1, E in 2-4; CNN: G in stage 5, E in stage 6 and the head conv).
-    ``g_prompt_layers=[-1]`` means no G-prompt.
+    ``g_prompt_layers=[-1]`` means no G-prompt. ``fast_paths=False`` switches off the
+    performance savings of design.md section 3 (shared trunk, one-task shortcut, per-task
+    trunk cache) for benchmarking; results are the same up to float rounding.
     """
 
     backbone: str = EMBEDDED_BACKBONE
@@ -78,6 +80,7 @@ class LearnerConfig:
     lda_shrinkage: float = 0.1
     grad_clip_norm: float = 1.0
     trunk_cache_mb: int = 512
+    fast_paths: bool = True
     seed: int = 0
     top_k: int = 5
 
@@ -340,7 +343,7 @@ class ContinualLearner:
         """Class probabilities and task ids for a normalised batch, and the snapshot used."""
         snap = self._snapshot
         with torch.inference_mode(), self._autocast():
-            probs, task_ids = snap.state.predict(self.backbone, x)
+            probs, task_ids = snap.state.predict(self.backbone, x, self.config.fast_paths)
         return probs.float(), task_ids, snap
 
     def predict(self, images: Sequence[np.ndarray], top_k: Optional[int] = None
@@ -503,7 +506,8 @@ class ContinualLearner:
                 h = self.backbone.trunk(x[start:start + chunk], first_layer)
                 queries.append(self.backbone.query_from_trunk(h, first_layer).float())
                 cached_bytes += h.numel() * h.element_size()
-                keep = keep and cached_bytes <= self.config.trunk_cache_mb * 2 ** 20
+                keep = keep and self.config.fast_paths \
+                    and cached_bytes <= self.config.trunk_cache_mb * 2 ** 20
                 trunks.append(h if keep else None)
         trunk = torch.cat(trunks) if keep else None
         return trunk, torch.cat(queries)

@@ -290,18 +290,29 @@ class CBPNet(nn.Module):
         return task_post
 
     @torch.no_grad()
-    def predict(self, backbone: Backbone, x: torch.Tensor
+    def predict(self, backbone: Backbone, x: torch.Tensor, fast_paths: bool = True
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities (B, C) and selected task ids (B,) for a normalised batch."""
+        """Class probabilities (B, C) and selected task ids (B,) for a normalised batch.
+
+        ``fast_paths=False`` runs the naive two full passes (no shared trunk, no one-task
+        shortcut); the benchmark uses it to show what the savings buy.
+        """
         if not self.num_tasks:
             raise RuntimeError('no task has been learned yet')
-        trunk = backbone.trunk(x, self.first_layer)
         b = x.shape[0]
-        if self.num_tasks == 1:
+        if not fast_paths:
+            queries = backbone.query(x)
+            task_post = self.task_posterior(queries)
+            class_post = None if self.prompt_selection == 'key' \
+                else self.class_posterior(queries)
+            trunk = backbone.trunk(x, self.first_layer)
+        elif self.num_tasks == 1:
             # One task: its E-prompt is the only choice, so the query pass is skipped.
+            trunk = backbone.trunk(x, self.first_layer)
             task_post = torch.ones(b, 1, device=x.device)
             class_post = None
         else:
+            trunk = backbone.trunk(x, self.first_layer)
             queries = backbone.query_from_trunk(trunk, self.first_layer)
             task_post = self.task_posterior(queries)
             class_post = None if self.prompt_selection == 'key' \
