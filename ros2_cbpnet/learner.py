@@ -52,7 +52,15 @@ class LearnerConfig:
 
     Empty ``g_prompt_layers``/``e_prompt_layers`` select the family default (ViT:
     DualPrompt's G in 0-1, E in 2-4; CNN: G in stage 5, E in stage 6 and the head conv).
-    ``g_prompt_layers=[-1]`` means no G-prompt. ``fast_paths=False`` switches off the
+    ``g_prompt_layers=[-1]`` means no G-prompt.
+
+    Drift control (not in the paper; ``recipe='faithful'`` in ``cbpnet-eval`` switches both
+    off): ``feature_replay_coeff`` weighs a cross-entropy on pseudo-features of earlier
+    classes, drawn from per-class Gaussians of the block input, so training a new task does
+    not silently re-purpose the shared CBP block and head; ``g_prompt_first_task_only``
+    freezes the shared G-prompt after the first task so those statistics stay exact.
+
+    ``fast_paths=False`` switches off the
     performance savings of design.md section 3 (shared trunk, one-task shortcut, per-task
     trunk cache) for benchmarking; results are the same up to float rounding.
     """
@@ -78,6 +86,8 @@ class LearnerConfig:
     prompt_selection: str = 'lda'
     prediction: str = 'task'
     lda_shrinkage: float = 0.1
+    feature_replay_coeff: float = 1.0
+    g_prompt_first_task_only: bool = True
     grad_clip_norm: float = 1.0
     trunk_cache_mb: int = 512
     fast_paths: bool = True
@@ -114,6 +124,8 @@ class LearnerConfig:
              f'prompt_selection must be one of {SELECTION_MODES}')
         need(self.prediction in PREDICTION_MODES, f'prediction must be one of {PREDICTION_MODES}')
         need(0.0 <= self.lda_shrinkage <= 1.0, 'lda_shrinkage must be in [0, 1]')
+        need(math.isfinite(self.feature_replay_coeff) and self.feature_replay_coeff >= 0,
+             'feature_replay_coeff must be >= 0')
         need(self.grad_clip_norm > 0, 'grad_clip_norm must be > 0')
         need(1 <= self.top_k <= 1000, 'top_k must be 1..1000')
 
@@ -435,7 +447,10 @@ class ContinualLearner:
         y_task = y - class_ids[0]
         trunk, queries = self._frozen_pass(x, state.first_layer)
         state.train()
-        params = state.trainable_parameters(task_id)
+        train_g = not (c.g_prompt_first_task_only and task_id > 0)
+        params = state.trainable_parameters(task_id, train_g)
+        replay = state.replay_classes(task_id) if c.feature_replay_coeff > 0 else None
+        replay = replay if replay is not None and len(replay) else None
         optimizer = torch.optim.Adam(params, lr=c.learning_rate)
         n = len(labels)
         steps_per_epoch = math.ceil(n / c.batch_size)
@@ -451,12 +466,22 @@ class ContinualLearner:
                 idx = order[start:start + c.batch_size]
                 h = trunk[idx] if trunk is not None else self._trunk(x[idx], state.first_layer)
                 with self._autocast():
-                    z = state.features(self.backbone, h, torch.full(
-                        (len(idx),), task_id, device=self.device))
-                    logits = state.logits(z, task_classes).float()
+                    z = self.backbone.prompted_from_trunk(
+                        h, state.first_layer, state.prompts_for(torch.full(
+                            (len(idx),), task_id, device=self.device)))
+                    if replay is not None:
+                        # Old classes' pseudo-features share the batch through the block, so
+                        # its utility also counts what earlier tasks rely on.
+                        z_old, y_old = state.sample_replay(replay, len(idx), generator)
+                        z = torch.cat([z, z_old.to(z.dtype)])
+                    out = state.cbp(z)
+                    logits = state.logits(out[:len(idx)], task_classes).float()
                     ce = F.cross_entropy(logits, y_task[idx])
                     pull = state.pull_constraint(queries[idx].float(), task_id)
                     loss = ce - c.pull_constraint_coeff * pull
+                    if replay is not None:
+                        old_logits = state.own_task_logits(out[len(idx):], y_old).float()
+                        loss = loss + c.feature_replay_coeff * F.cross_entropy(old_logits, y_old)
                 if not torch.isfinite(loss):
                     raise LearningError(
                         f'training diverged (loss {loss.item()} at step {step + 1}); the task '
@@ -478,6 +503,7 @@ class ContinualLearner:
                                 'back and the previous model is kept. Lower learning_rate.')
         state.eval()
         state.add_class_statistics(y, queries)
+        state.set_feature_statistics(y, self._block_inputs(state, x, trunk, task_id))
         state.invalidate_cache()
         state._inference_cache()  # built here so the first prediction after the swap is fast
         snap = _Snapshot(state, base.classes + tuple(new_classes),
@@ -486,6 +512,20 @@ class ContinualLearner:
         self.replacements_last_task = replaced
         return TaskResult(task_id, list(new_classes), n, c.epochs, correct / max(seen, 1),
                           time.monotonic() - started, replaced, snap.model_version)
+
+    def _block_inputs(self, state: CBPNet, x: torch.Tensor, trunk: Optional[torch.Tensor],
+                      task_id: int) -> torch.Tensor:
+        """Prompted features (CBP block inputs) of the task's samples with its E-prompt."""
+        chunk = max(self.config.batch_size, 32)
+        out = []
+        with torch.no_grad(), self._autocast():
+            for start in range(0, x.shape[0], chunk):
+                h = trunk[start:start + chunk] if trunk is not None \
+                    else self.backbone.trunk(x[start:start + chunk], state.first_layer)
+                ids = torch.full((h.shape[0],), task_id, device=self.device)
+                out.append(self.backbone.prompted_from_trunk(
+                    h, state.first_layer, state.prompts_for(ids)).float())
+        return torch.cat(out)
 
     def _trunk(self, x: torch.Tensor, first_layer: int) -> torch.Tensor:
         with torch.no_grad(), self._autocast():

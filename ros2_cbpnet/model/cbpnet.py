@@ -99,6 +99,10 @@ class CBPNet(nn.Module):
         self.register_buffer('query_mean', torch.zeros(0, d))
         # Within-class scatter of the frozen queries, summed over all classes (for LDA).
         self.register_buffer('query_scatter', torch.zeros(d, d))
+        # Per-class mean and variance of the prompted feature entering the CBP block, taken
+        # with the class's own E-prompt right after its task: the source of feature replay.
+        self.register_buffer('feature_mean', torch.zeros(0, d))
+        self.register_buffer('feature_var', torch.zeros(0, d))
         self._cache: Optional[Dict[str, torch.Tensor]] = None
 
     # ----------------------------------------------------------------- growth
@@ -150,6 +154,8 @@ class CBPNet(nn.Module):
         self.class_count = torch.cat([self.class_count, torch.zeros(
             count, dtype=torch.long, device=device)])
         self.query_mean = torch.cat([self.query_mean, torch.zeros(count, d, device=device)])
+        self.feature_mean = torch.cat([self.feature_mean, torch.zeros(count, d, device=device)])
+        self.feature_var = torch.cat([self.feature_var, torch.zeros(count, d, device=device)])
         self.invalidate_cache()
         return list(range(start, start + count))
 
@@ -180,14 +186,48 @@ class CBPNet(nn.Module):
             self.class_count[c] = n_old + n_new
         self.invalidate_cache()
 
+    @torch.no_grad()
+    def set_feature_statistics(self, class_ids: torch.Tensor, features: torch.Tensor) -> None:
+        """Store mean and variance of block-input features per class (for feature replay)."""
+        features = features.to(self.feature_mean.dtype)
+        for c in torch.unique(class_ids).tolist():
+            f = features[class_ids == c]
+            self.feature_mean[c] = f.mean(0)
+            self.feature_var[c] = f.var(0, unbiased=False) if f.shape[0] > 1 \
+                else torch.zeros_like(f[0])
+
+    def replay_classes(self, before_task: int) -> torch.Tensor:
+        """Classes of tasks before ``before_task`` that have feature statistics."""
+        has_stats = self.class_count > 0
+        return torch.nonzero(has_stats & (self.class_task < before_task)).flatten()
+
+    def sample_replay(self, classes: torch.Tensor, count: int, generator: torch.Generator
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pseudo-features of old classes drawn from their diagonal Gaussians."""
+        pick = torch.randint(len(classes), (count,), generator=generator)
+        cls = classes[pick.to(classes.device)]
+        noise = torch.randn(count, self.feature_dim, generator=generator).to(
+            self.feature_mean.device)
+        return self.feature_mean[cls] + noise * self.feature_var[cls].sqrt(), cls
+
+    def own_task_logits(self, z: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """Logits over all classes with those outside each sample's own task masked out."""
+        same_task = self.class_task.unsqueeze(0) == self.class_task[class_ids].unsqueeze(1)
+        return self.logits(z).masked_fill(~same_task, float('-inf'))
+
     # ---------------------------------------------------------------- forward
     def invalidate_cache(self) -> None:
         """Forget precomputed inference tensors (after any change of the state)."""
         self._cache = None
 
-    def trainable_parameters(self, task_id: int) -> List[nn.Parameter]:
-        """Parameters trained for ``task_id``: G-prompt, its E-prompt and key, block, head."""
-        params = list(self.g_prompt.parameters()) + list(self.e_prompts[task_id].parameters())
+    def trainable_parameters(self, task_id: int, train_g_prompt: bool = True
+                             ) -> List[nn.Parameter]:
+        """Parameters trained for ``task_id``: G-prompt (optional), its E-prompt and key,
+        block, head. Marks the G-prompt's ``requires_grad`` accordingly."""
+        for p in self.g_prompt.parameters():
+            p.requires_grad_(train_g_prompt)
+        params = list(self.g_prompt.parameters()) if train_g_prompt else []
+        params += list(self.e_prompts[task_id].parameters())
         params += [self.prompt_keys[task_id], self.head_weight, self.head_bias]
         return params + list(self.cbp.parameters())
 
