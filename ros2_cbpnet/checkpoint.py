@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 __all__ = [
-    'CheckpointError', 'IncompatibleCheckpointError', 'SCHEMA_VERSION', 'list_checkpoints', 'load_newest_valid',
-    'read_checkpoint', 'write_checkpoint',
+    'CheckpointError', 'IncompatibleCheckpointError', 'SCHEMA_VERSION', 'list_checkpoints',
+    'load_newest_valid', 'read_checkpoint', 'write_checkpoint',
 ]
 
 SCHEMA_VERSION = 1
@@ -49,6 +49,11 @@ def list_checkpoints(directory: str) -> List[str]:
         if match:
             found.append((int(match.group(1)), os.path.join(directory, name)))
     return [path for _, path in sorted(found, reverse=True)]
+
+
+def _version(path: str) -> int:
+    match = _NAME.match(os.path.basename(path))
+    return int(match.group(1)) if match else -1
 
 
 def _fsync_dir(directory: str) -> None:
@@ -111,7 +116,13 @@ def write_checkpoint(payload: Dict[str, Any], directory: str) -> str:
 
 def _prune(directory: str, keep_path: str) -> None:
     paths = list_checkpoints(directory)
-    keep = set(paths[:KEEP]) | {keep_path}
+    # Count only checkpoints up to the one just written towards KEEP. A file with a higher
+    # version was not written by this model (an unreadable, refused or foreign file the
+    # loader skipped); it must neither be deleted nor take the slot of the previous valid
+    # checkpoint, which would leave a single good file behind.
+    written = _version(keep_path)
+    ours = [path for path in paths if _version(path) <= written]
+    keep = set(ours[:KEEP]) | {keep_path} | {path for path in paths if _version(path) > written}
     for path in paths:
         if path not in keep:
             try:

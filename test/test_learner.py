@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ros2_cbpnet import checkpoint as ckpt
-from ros2_cbpnet.datasets import load_dataset, split_tasks, task_subset
+from ros2_cbpnet.datasets import load_dataset, task_subset
 from ros2_cbpnet.learner import (ContinualLearner, LearnerBusyError, LearnerConfig,
                                  LearningError)
 from ros2_cbpnet.model import load_backbone

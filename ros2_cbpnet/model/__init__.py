@@ -7,6 +7,6 @@ from .cbpnet import PREDICTION_MODES, SELECTION_MODES, CBPNet
 
 __all__ = [
     'Backbone', 'BackboneLoadError', 'CBPBlock', 'CBPNet', 'CNNBackbone', 'EMBEDDED_BACKBONE',
-    'PREDICTION_MODES', 'RANDOM_WEIGHTS', 'SELECTION_MODES', 'ViTBackbone', 'backbone_parameter_count', 'load_backbone',
-    'parameter_count',
+    'PREDICTION_MODES', 'RANDOM_WEIGHTS', 'SELECTION_MODES', 'ViTBackbone',
+    'backbone_parameter_count', 'load_backbone', 'parameter_count',
 ]
