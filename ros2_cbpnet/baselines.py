@@ -19,7 +19,8 @@ alike, and they share an already loaded backbone instead of loading their own.
 
 Example:
     >>> from ros2_cbpnet.model.backbones import load_backbone  # doctest: +SKIP
-    >>> ncm = NearestClassMean(load_backbone('tf_efficientnet_lite0'), image_size=64)  # doctest: +SKIP
+    >>> backbone = load_backbone('tf_efficientnet_lite0')  # doctest: +SKIP
+    >>> ncm = NearestClassMean(backbone, image_size=64)  # doctest: +SKIP
     >>> ncm.learn_task(images, ['cup', 'cup', 'shoe'])  # doctest: +SKIP
     >>> ncm.evaluate(test_images, test_labels)  # doctest: +SKIP
     0.97
@@ -120,7 +121,7 @@ class FrozenFeatureBaseline:
 
     @torch.inference_mode()
     def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Frozen query features (N, feature_dim) of uint8 images."""
+        """Frozen query feature of each uint8 image, shape (N, feature_dim)."""
         chunks = [self.backbone.query(self.preprocess(images[s:s + self.feature_batch_size]))
                   .float() for s in range(0, len(images), self.feature_batch_size)]
         if not chunks:
@@ -143,7 +144,7 @@ class FrozenFeatureBaseline:
         raise NotImplementedError
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """Class scores (N, num_classes), higher is better."""
+        """Score of each class for each feature row, shape (N, num_classes); higher wins."""
         raise NotImplementedError
 
     def predict(self, images: Sequence[np.ndarray], top_k: Optional[int] = None
