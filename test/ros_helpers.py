@@ -426,8 +426,8 @@ class RosClient(Node):
     def _client(self, srv_type: Any, name: str) -> Any:
         key = (self.resolve(name), srv_type)
         if key not in self._client_cache:
-            self._client_cache[key] = self.create_client(srv_type, key[0],
-                                                    callback_group=self._group)
+            self._client_cache[key] = self.create_client(
+                srv_type, key[0], callback_group=self._group)
         return self._client_cache[key]
 
     def call_async(self, srv_type: Any, name: str, request: Any = None,
