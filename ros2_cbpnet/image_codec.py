@@ -299,6 +299,15 @@ def _has_jpeg_eoi(buf: memoryview) -> bool:
     return b'\xff\xd9' in bytes(buf[tail:]) or (tail > 0 and b'\xff\xd9' in bytes(buf))
 
 
+def _has_png_iend(buf: memoryview) -> bool:
+    # Like _has_jpeg_eoi for PNG: a truncated PNG (the usual corruption) lacks the IEND chunk.
+    # Rejecting it here also keeps libpng/OpenCV from printing an unthrottled warning to
+    # stderr for every such frame (the node logs rejections itself, throttled). Tail first,
+    # as some writers pad after IEND.
+    tail = max(0, len(buf) - 4096)
+    return b'IEND' in bytes(buf[tail:]) or (tail > 0 and b'IEND' in bytes(buf))
+
+
 def compressed_msg_to_rgb(msg: Any, max_pixels: int = 8_000_000) -> np.ndarray:
     """Decode a ``sensor_msgs/CompressedImage`` holding JPEG or PNG to RGB uint8 ``(H, W, 3)``.
 
@@ -332,6 +341,8 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = 8_000_000) -> np.ndarray:
             f'{kind} header says {width}x{height} = {width * height} pixels > {max_pixels}')
     if kind == 'JPEG' and not _has_jpeg_eoi(buf):
         raise ImageRejected('bad_compressed', f'JPEG of {len(buf)} bytes has no EOI (truncated)')
+    if kind == 'PNG' and not _has_png_iend(buf):
+        raise ImageRejected('bad_compressed', f'PNG of {len(buf)} bytes has no IEND (truncated)')
 
     try:
         img = cv2.imdecode(data, _IMREAD_FLAGS)

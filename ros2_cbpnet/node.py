@@ -32,14 +32,17 @@ Diagnostics keys (values are strings; lists and dicts as JSON):
 
 Threading: camera callbacks only keep the newest message per camera; one inference thread
 decodes whatever is waiting, classifies it in one batch and publishes. ``~/learn_task``
-trains in its service callback (a reentrant group, so a second call is refused at once)
-while inference keeps using the previous model (the learner swaps models atomically).
+trains on one dedicated learning thread while its service callback waits (a reentrant group,
+so a second call is refused at once); inference keeps using the previous model meanwhile (the
+learner swaps models atomically).
 Labelled images, teaching, the other services, parameters and diagnostics each have their
 own callback group, so none of them waits for another.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import ctypes
 import dataclasses
 import json
 import logging
@@ -396,6 +399,10 @@ class CBPNetNode(Node):
         self._stats = _Stats()
         self._predict_lock = threading.Lock()
         self._save_lock = threading.Lock()
+        # Every learn_task trains on this one long-lived thread (see _on_learn_task).
+        self._learn_gate = threading.Lock()
+        self._learn_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix='cbpnet-learn')
         self._frames_cond = threading.Condition()
         self._pending: Dict[str, _Frame] = {}
         self._teach_lock = threading.Lock()
@@ -730,7 +737,23 @@ class CBPNetNode(Node):
     # ----------------------------------------------------------------- services
     def _on_learn_task(self, request: Trigger.Request, response: Trigger.Response
                        ) -> Trigger.Response:
-        response.success, reply = self._learn_task()
+        # Reliability fix: train on one dedicated thread, not on whichever executor thread
+        # took the call. glibc gives each thread its own malloc arena and keeps an arena's
+        # peak, so learning on the executor's threads in turn grew the node's RSS by tens of
+        # MB per task until every thread had hosted one (found with scripts/soak.py). The
+        # gate refuses a concurrent call at once instead of queueing it behind the first.
+        if not self._learn_gate.acquire(blocking=False):
+            ok, reply = False, {'error': 'a task is already being learned; call again when '
+                                         'it is done'}
+        else:
+            try:
+                ok, reply = self._learn_pool.submit(self._learn_task).result()
+            except RuntimeError:  # the pool is shut down: the node is stopping
+                ok, reply = False, {'error': 'the node is shutting down'}
+            finally:
+                self._learn_gate.release()
+                _release_memory()
+        response.success = ok
         response.message = json.dumps(reply)
         return response
 
@@ -802,6 +825,7 @@ class CBPNetNode(Node):
             reply = {'error': 'nothing to save: no task has been learned yet'}
         else:
             path, error = self._save_checkpoint()
+            _release_memory()  # the serialised copy of the model (see _on_learn_task)
             if error:
                 reply = {'error': error}
             else:
@@ -940,6 +964,9 @@ class CBPNetNode(Node):
         """Cancel learning and stop the inference thread (idempotent; before shutdown)."""
         self._stop.set()
         self._cancel.set()
+        pool = getattr(self, '_learn_pool', None)
+        if pool is not None:
+            pool.shutdown(wait=False)  # a running task sees _cancel and ends
         cond = getattr(self, '_frames_cond', None)
         if cond is not None:
             with cond:
@@ -954,9 +981,40 @@ class CBPNetNode(Node):
         super().destroy_node()
 
 
+_LIBC: Any = None
+
+
+def _release_memory() -> None:
+    """Give freed heap memory back to the OS after a big, rare allocation peak (learning,
+    saving), via glibc's ``malloc_trim``; a no-op where that does not exist."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL('libc.so.6')
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        _LIBC = False
+
+
+def _quiet_opencv() -> None:
+    """Silence OpenCV's own [WARN]/[ERROR] console lines (the process is ours).
+
+    OpenCV prints one line per undecodable frame (e.g. "PNG input buffer is incomplete"),
+    unthrottled, so a stream of garbage would flood the log; the node already counts every
+    rejection and logs it throttled. (libjpeg/libpng print some warnings themselves, e.g.
+    "Corrupt JPEG data", which no OpenCV setting reaches.)
+    """
+    try:
+        import cv2
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
+    except Exception:  # noqa: BLE001 - an OpenCV build without the logging API
+        pass
+
+
 def main(args: Optional[List[str]] = None) -> int:
     """Run the node until SIGINT. Returns the exit code: 0, 2 for a configuration error."""
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] [%(name)s]: %(message)s')
+    _quiet_opencv()
     rclpy.init(args=args)
     node: Optional[CBPNetNode] = None
     executor: Optional[MultiThreadedExecutor] = None

@@ -25,9 +25,18 @@ MAX_LABEL_LENGTH = 128
 def validate_label(label: object) -> str:
     """Return the label with surrounding whitespace removed, or raise ``ValueError``.
 
-    Refused: non-strings, empty or whitespace-only labels, labels longer than
+    Refused: non-strings (e.g. ``bytes``), empty or whitespace-only labels, labels longer than
     :data:`MAX_LABEL_LENGTH` characters, and labels containing control or format characters
-    (newlines, NUL, bidi overrides...), which would corrupt logs, JSON consumers and displays.
+    (newlines, NUL, bidi overrides...) or line/paragraph separators, which would corrupt logs,
+    JSON consumers and displays. The zero-width (non-)joiners U+200C/U+200D are allowed: they
+    are part of ordinary text (emoji sequences such as a ZWJ "scientist" emoji, Persian,
+    Indic scripts).
+
+    Non-UTF-8 labels: rclpy strings cannot hold them, and rclpy decodes a ``frame_id`` that
+    another (e.g. C++) publisher sent as invalid UTF-8 with ``errors='replace'``, so the bytes
+    arrive as U+FFFD REPLACEMENT CHARACTER; a label containing U+FFFD is refused for that
+    reason (nobody names a class with it on purpose). A NUL byte cuts a ROS string short
+    before it reaches Python (rosidl uses ``strlen``), so only the part before it is seen.
 
     Example:
         >>> validate_label('  cup ')
@@ -40,10 +49,22 @@ def validate_label(label: object) -> str:
         raise ValueError('empty label (put the class name in header.frame_id)')
     if len(text) > MAX_LABEL_LENGTH:
         raise ValueError(f'label of {len(text)} characters is longer than {MAX_LABEL_LENGTH}')
-    bad = [ch for ch in text if unicodedata.category(ch) in ('Cc', 'Cf', 'Cs', 'Co', 'Cn')]
+    if _REPLACEMENT_CHAR in text:
+        raise ValueError('label is not valid UTF-8 (it holds U+FFFD, the character that '
+                         'replaces undecodable bytes)')
+    bad = [ch for ch in text if ch not in _ALLOWED_FORMAT_CHARS
+           and unicodedata.category(ch) in _REFUSED_CATEGORIES]
     if bad:
         raise ValueError(f'label contains control characters {[hex(ord(c)) for c in bad[:4]]}')
     return text
+
+
+# Reliability hardening (see validate_label): Zl/Zp (U+2028/U+2029) break lines like '\n'
+# does; ZWJ/ZWNJ are ordinary text (emoji sequences) although Unicode files them under Cf;
+# U+FFFD is what an invalid UTF-8 frame_id becomes in rclpy.
+_REFUSED_CATEGORIES = frozenset(('Cc', 'Cf', 'Cs', 'Co', 'Cn', 'Zl', 'Zp'))
+_ALLOWED_FORMAT_CHARS = frozenset('\u200c\u200d')
+_REPLACEMENT_CHAR = '\ufffd'
 
 
 @dataclass(frozen=True)
@@ -198,4 +219,3 @@ class SampleBuffer:
             self._drop(next(iter(self._samples)))
             dropped += 1
         return dropped
-
