@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import resource
@@ -48,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -1024,7 +1023,6 @@ def _run_cameras(bench: _NodeBench, pubs, msgs, n_cams: int, warm_s: float, meas
     """Publish ``n_cams`` staggered cameras at 30 Hz; count predictions of the window."""
     tick = 1.0 / (CAMERA_RATE_HZ * n_cams)  # cameras run with evenly spread phases
     published = [0] * n_cams
-    window: Dict[str, Tuple[float, float]] = {}
     bench.take_predictions()
     t_begin = time.perf_counter()
     t_measure = t_begin + warm_s
