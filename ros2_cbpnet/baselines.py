@@ -31,13 +31,12 @@ import math
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .learner import Prediction, Progress, TaskResult, resolve_device
+from .learner import Prediction, Progress, TaskResult, resize_batch, resolve_device
 from .model.backbones import Backbone
 
 __all__ = [
@@ -99,23 +98,8 @@ class FrozenFeatureBaseline:
         Raises:
             ValueError: an image is not a non-empty uint8 array of 1 or 3 channels.
         """
-        size = self.image_size
-        batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
-        for i, img in enumerate(images):
-            img = np.asarray(img)
-            if img.dtype != np.uint8 or img.ndim not in (2, 3) or img.size == 0 \
-                    or (img.ndim == 3 and img.shape[2] not in (1, 3)):
-                raise ValueError(f'image {i}: expected uint8 (H, W, 3) or (H, W), got '
-                                 f'{img.dtype} {img.shape}')
-            if img.ndim == 3 and img.shape[2] == 1:
-                img = img[:, :, 0]
-            h, w = img.shape[:2]
-            if (h, w) != (size, size):
-                # Same interpolation rule as the learner, so all methods see the same pixels.
-                shrink = h > size or w > size
-                img = cv2.resize(img, (size, size),
-                                 interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-            batch[i] = img[:, :, None] if img.ndim == 2 else img
+        # The learner's own resizing, so all methods see the same pixels.
+        batch = resize_batch(images, self.image_size)
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
         return x * self._norm_scale + self._norm_offset
 

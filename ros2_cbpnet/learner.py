@@ -204,6 +204,32 @@ def default_prompt_layers(backbone: Backbone) -> Tuple[List[int], List[int]]:
     return g, e
 
 
+def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Stack uint8 RGB (H, W, 3) or grey (H, W[, 1]) images as a (N, size, size, 3) batch.
+
+    Shrinking uses area interpolation (no aliasing), enlarging bilinear.
+
+    Raises:
+        ValueError: an image is not a non-empty uint8 array of 1 or 3 channels.
+    """
+    batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        img = np.asarray(img)
+        if img.dtype != np.uint8 or img.ndim not in (2, 3) or img.size == 0 \
+                or (img.ndim == 3 and img.shape[2] not in (1, 3)):
+            raise ValueError(f'image {i}: expected uint8 (H, W, 3) or (H, W), got '
+                             f'{img.dtype} {img.shape}')
+        if img.ndim == 3 and img.shape[2] == 1:
+            img = img[:, :, 0]
+        h, w = img.shape[:2]
+        if (h, w) != (size, size):
+            shrink = h > size or w > size
+            img = cv2.resize(img, (size, size),
+                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        batch[i] = img[:, :, None] if img.ndim == 2 else img
+    return batch
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without one is an error."""
     if name == 'auto':
@@ -327,22 +353,7 @@ class ContinualLearner:
         Raises:
             ValueError: an image is not a non-empty uint8 array of 1 or 3 channels.
         """
-        size = self.config.image_size
-        batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
-        for i, img in enumerate(images):
-            img = np.asarray(img)
-            if img.dtype != np.uint8 or img.ndim not in (2, 3) or img.size == 0 \
-                    or (img.ndim == 3 and img.shape[2] not in (1, 3)):
-                raise ValueError(f'image {i}: expected uint8 (H, W, 3) or (H, W), got '
-                                 f'{img.dtype} {img.shape}')
-            if img.ndim == 3 and img.shape[2] == 1:
-                img = img[:, :, 0]
-            h, w = img.shape[:2]
-            if (h, w) != (size, size):
-                shrink = h > size or w > size
-                img = cv2.resize(img, (size, size),
-                                 interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-            batch[i] = img[:, :, None] if img.ndim == 2 else img
+        batch = resize_batch(images, self.config.image_size)
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float()
         return x * self._norm_scale + self._norm_offset
