@@ -83,13 +83,14 @@ def test_plot_is_written(e2e):
 
 def test_compare_reads_result_files_and_plots_them_together(e2e, tmp_path, capsys):
     runs = json.loads((e2e / 'res.json').read_text())['runs']
-    single = dict(runs[1], method='dualprompt', recipe='faithful', label='dualprompt (faithful)')
+    single = dict(runs[1], method='dualprompt', recipe='faithful', tag='x')
+    del single['label']
     (tmp_path / 'single.json').write_text(json.dumps(single))
     plot = tmp_path / 'cmp.png'
     assert main(['--compare', str(e2e / 'res.json'), str(tmp_path / 'single.json'),
                  '--plot', str(plot)]) == 0
     out = capsys.readouterr().out
-    for label in ('| cbpnet |', '| ncm |', '| dualprompt (faithful) |'):
+    for label in ('| cbpnet |', '| ncm |', '| dualprompt (faithful) [x] |'):
         assert label in out
     assert plot.read_bytes().startswith(PNG_MAGIC)
 

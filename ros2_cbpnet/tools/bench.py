@@ -11,10 +11,13 @@ What is measured (design.md section 3, "Performance model"):
 - ``inference_floor_ratio`` = inference_ips / (backbone_ips / 2): the floor of a prediction is
   two backbone passes, so 1.0 means "everything around the two passes is free" and more than
   1.0 means a saving (one task, a CNN trunk shared by both passes) beats the floor.
-- ``train_ips``: images x epochs per second of wall time of ``learn_task`` (everything
-  included: resize, the frozen pass, optimiser, CBP bookkeeping). ``train_floor_ips``: one
-  no-grad query pass + one prompted forward with trainable prompts + backward, on a training
-  batch, measured directly; ``train_floor_ratio`` = train_ips / train_floor_ips.
+- ``train_ips``: images x epochs per second of wall time of ``learn_task`` of a 200-image
+  task (everything included: resize, the frozen pass, feature replay, optimiser, CBP
+  bookkeeping, the statistics pass after training), for a later task (a second task learned
+  onto one, the steady state of a robot) and, as ``*_first_task``, for the first one.
+  ``train_floor_ips``: one no-grad query pass + one prompted forward with the prompts that
+  task trains (requires_grad) + backward, on a training batch, measured directly;
+  ``train_floor_ratio`` = train_ips / train_floor_ips.
 - ``tasks_scaling``: inference_ips at batch 8 with 1, 10 and 50 tasks (tasks past the first
   two are synthetic: prompts, keys, head rows and class statistics of random features).
 - ``memory``: peak resident memory (VmHWM, reset through ``/proc/self/clear_refs`` before each
@@ -25,11 +28,15 @@ What is measured (design.md section 3, "Performance model"):
 - ``--compare-naive``: the model figures again with ``fast_paths=False`` (two full passes
   always, no shared trunk, no one-task shortcut, no per-task trunk cache), same weights.
 
-Every figure is the median of ``--repeats`` timed rounds after a warm-up. The timed items run
-interleaved within each round (backbone, then each inference variant, fast and naive), and
-every ratio is the median of the per-round ratios, so slow drifts of the machine (other
-processes, thermal state) cancel in the ratios. ``spread`` gives (max - min) / median over the
-rounds of each figure: a noisy machine shows there.
+Every figure is the median of ``--repeats`` timed rounds after a warm-up. Within a round the
+timed items (backbone, each inference variant, fast and naive) take turns in ~0.1 s
+sub-slices, and every ratio is the median of the per-round ratios, so load from other
+processes hits numerator and denominator alike and mostly cancels in the ratios. ``spread``
+gives (max - min) / median over the rounds of each figure, and
+``machine.other_processes_cores_busy`` how much CPU everything else used meanwhile: a noisy
+machine shows there. On a shared CPU machine, prefer ``--threads 1`` or
+``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads that spin-wait for descheduled peers make torch
+many times slower when another process is busy.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import signal
 import statistics
 import subprocess
@@ -117,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--node-image-qos', default='reliable', choices=('reliable', 'sensor_data'),
                    help="the node's camera subscription QoS (default reliable: the transport "
                         'then loses no frame, so the figure is the node\'s)')
+    p.add_argument('--node-command', default='',
+                   help='command that starts the node, split like a shell line; '
+                        '"--ros-args --params-file FILE" is appended (default: the cbpnet_node '
+                        'console script next to this Python; e.g. "taskset -c 1 cbpnet_node")')
     p.add_argument('--node-timeout-s', type=float, default=180.0,
                    help='give up waiting for the node to start or learn after this long')
     p.add_argument('--out', default='', help='write the JSON here instead of stdout')
@@ -372,9 +384,14 @@ class _Rounds:
 
     def run(self, items: Sequence[Tuple[str, Callable[[], Any], int]]
             ) -> Dict[str, List[float]]:
+        slowest = 0.0
         for _, fn, _ in items:
-            self.timed(fn, self.warmup_s, 2)
-        subs = max(1, int(round(self.slice_s / self.SUB_SLICE_S)))
+            c, t = self.timed(fn, self.warmup_s, 2)
+            slowest = max(slowest, t / c)
+        # Sub-slices no shorter than the slowest call, so a round stays about
+        # len(items) * slice_s long even when calls are slow (a busy machine).
+        subs = max(1, min(int(round(self.slice_s / self.SUB_SLICE_S)),
+                          int(self.slice_s / max(slowest, 1e-9))))
         for r in range(self.repeats):
             calls = {name: 0 for name, _, _ in items}
             secs = {name: 0.0 for name, _, _ in items}
@@ -732,9 +749,11 @@ def _ros_env() -> Dict[str, str]:
     return env
 
 
-def _node_command(params_file: str) -> List[str]:
+def _node_command(params_file: str, command: str = '') -> List[str]:
     exe = os.path.join(os.path.dirname(sys.executable), 'cbpnet_node')
     ros_args = ['--ros-args', '--params-file', params_file]
+    if command.strip():
+        return shlex.split(command) + ros_args
     if os.access(exe, os.X_OK):
         return [exe] + ros_args
     return [sys.executable, '-c', 'import sys; from ros2_cbpnet.node import main; '
@@ -931,7 +950,7 @@ def node_section(args, model: Dict[str, Any]) -> Dict[str, Any]:
         for k, v in params.items():
             f.write(f'    {k}: {_yaml_value(v)}\n')
     log_path = os.path.join(tmp, 'node.log')
-    cmd = _node_command(params_file)
+    cmd = _node_command(params_file, args.node_command)
     out: Dict[str, Any] = {'params': params, 'command': cmd, 'log': log_path,
                            'ros_domain_id': int(env['ROS_DOMAIN_ID'])}
     _log(f'starting {" ".join(cmd)} (ROS_DOMAIN_ID={env["ROS_DOMAIN_ID"]}, log {log_path})')
@@ -1091,6 +1110,12 @@ def run_bench(args, device) -> Dict[str, Any]:
     if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         _log(f'the machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): '
              'expect noisy figures; see machine.other_processes_cores_busy and spread')
+        import torch
+        if torch.get_num_threads() > 1 and os.environ.get('OMP_WAIT_POLICY', '').upper() \
+                != 'PASSIVE':
+            _log('with one OpenMP thread per core next to other busy processes, torch on CPU '
+                 'can run many times slower (threads spin-wait for descheduled peers); '
+                 '--threads 1 or OMP_WAIT_POLICY=PASSIVE avoid that')
     results: Dict[str, Any] = {'tool': 'cbpnet-bench', 'version': 1,
                                'machine': machine_info(device)}
     results.update(model_section(args, device))

@@ -38,6 +38,8 @@ train_seconds``) plus ``seed, recipe, label, config, replaced_units`` and more. 
 write ``{"runs": [one such object per run], "summary": {label: {metric: {"mean", "std",
 "values"}}}}`` (std is the sample standard deviation over seeds, 0 for one seed).
 ``classes_per_task`` is an int when every task has the same number of classes, else a list.
+While a multi-run job is still going, ``--out`` already holds the finished runs (with
+``"partial": true``), so a killed job loses only the run in progress.
 
 ``--compare a.json b.json [--plot p.png] [--out all.json]`` runs nothing: it reads earlier
 result files (either form) and prints/plots them together, one line per method.
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument('--compare', nargs='+', metavar='JSON',
                    help='run nothing: print and plot (with --plot) earlier result files '
                    'together, one line per method')
+    o.add_argument('--tag', default='',
+                   help='text appended to the method labels of this run, e.g. "rate=1e-3", '
+                   'to tell variants apart in --compare')
     o.add_argument('--quiet', action='store_true',
                    help='no progress bar and no per-run matrices, only the summary')
     return p
@@ -350,12 +355,15 @@ def make_model(method: str, config: LearnerConfig, backbone: Backbone, *,
 
 
 def run_label(result: Dict[str, Any]) -> str:
-    """Display name of a run: the method, plus the recipe when it is not the default one."""
-    method = str(result.get('method', '?'))
+    """Display name of a run.
+
+    The method, then the recipe when it is not the default one, then the run's ``tag``.
+    """
+    label = str(result.get('method', '?'))
     recipe = result.get('recipe')
-    if method in LEARNER_METHODS and recipe and recipe != 'cbpnet':
-        return f'{method} ({recipe})'
-    return method
+    if label in LEARNER_METHODS and recipe and recipe != 'cbpnet':
+        label = f'{label} ({recipe})'
+    return f'{label} [{result["tag"]}]' if result.get('tag') else label
 
 
 def _steps(n: int, config: LearnerConfig, method: str) -> int:
@@ -367,7 +375,7 @@ def _steps(n: int, config: LearnerConfig, method: str) -> int:
 def run_method(method: str, data: ImageDataset, tasks: Sequence[Sequence[int]],
                config: LearnerConfig, backbone: Backbone, *, dataset: str,
                recipe: str = 'cbpnet', ncm_metric: str = 'cosine',
-               progress: bool = True) -> Dict[str, Any]:
+               progress: bool = True, tag: str = '') -> Dict[str, Any]:
     """Learn ``tasks`` one by one with ``method`` and test after each; the result dict.
 
     Args:
@@ -381,6 +389,7 @@ def run_method(method: str, data: ImageDataset, tasks: Sequence[Sequence[int]],
         recipe: recorded in the result (the config already holds its effect).
         ncm_metric: distance of the ``ncm`` baseline.
         progress: draw a progress bar on stderr.
+        tag: appended to the label (see :func:`run_label`).
 
     Raises:
         LearningError: the learner refused or rolled back a task.
@@ -442,6 +451,8 @@ def run_method(method: str, data: ImageDataset, tasks: Sequence[Sequence[int]],
     }
     if cbp is not None:
         res['cbp_stats'] = cbp
+    if tag:
+        res['tag'] = tag
     res['label'] = run_label(res)
     return res
 
@@ -650,13 +661,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 res = run_method(method, data, tasks, config, backbone, dataset=args.dataset,
                                  recipe=args.recipe, ncm_metric=args.ncm_metric,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, tag=args.tag)
             except LearningError as exc:
                 print(f'{PROG}: error: {method} seed {seed}: {exc}', file=sys.stderr)
                 return 1
             runs.append(res)
             if not args.quiet:
                 print(_run_report(res), flush=True)
+            if args.out and len(runs) < len(seeds) * len(args.method):
+                # Long sweeps get killed on shared machines: keep what is finished so far.
+                _write_json(args.out, {'runs': runs, 'summary': summarize_runs(runs),
+                                       'partial': True})
     _output(runs, args)
     return 0
 
