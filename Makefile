@@ -7,12 +7,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ros2_cbpnet-installed
 DATASET ?= digits
 PYTEST_ARGS ?=
-# DDS stays on this machine, in a domain of its own per run (see README, "Network").
+# DDS stays on this machine (see README, "Network"), in ROS domains locked for the run by
+# scripts/ros_domain.py (flock on /tmp/ros2_cbpnet_domain_<id>.lock), so concurrent runs never
+# share one; test/conftest.py keeps the ids it inherits. Tools keep an explicit ROS_DOMAIN_ID.
 ROS_ENV := ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST \
-	ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-$$(( ($$$$ % 90) + 5 ))} \
 	AMENT_PREFIX_PATH=$(CURDIR)/$(VENV) HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+IN_DOMAIN := $(PY) scripts/ros_domain.py --
+IN_DOMAIN_OR_ENV := $(PY) scripts/ros_domain.py --keep-env --
 
-.PHONY: install test test-fast demo eval bench soak clean
+.PHONY: install test test-fast fashion-mnist demo eval bench soak clean
 
 install: $(STAMP)
 
@@ -25,26 +28,31 @@ $(STAMP): requirements.txt setup.py
 	@echo "ros2_cbpnet: environment ready in $(VENV)"
 
 test: install
-	$(ROS_ENV) $(PY) -m pytest test $(PYTEST_ARGS)
+	$(ROS_ENV) $(IN_DOMAIN) $(PY) -m pytest test $(PYTEST_ARGS)
 
 test-fast: install
-	$(ROS_ENV) $(PY) -m pytest test -m "not slow" $(PYTEST_ARGS)
+	$(ROS_ENV) $(IN_DOMAIN) $(PY) -m pytest test -m "not slow" $(PYTEST_ARGS)
 
-demo: install
-	@if [ "$(DATASET)" = "fashion-mnist" ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+# The Debian package of Fashion-MNIST (the demo's second data set; CI installs it so that its
+# loader is really tested).
+fashion-mnist:
+	@if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
 		echo "installing the Debian package dataset-fashion-mnist"; \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
 		(sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist); fi
-	$(ROS_ENV) $(VENV)/bin/cbpnet-demo --dataset $(DATASET) $(DEMO_ARGS)
+
+demo: install
+	@if [ "$(DATASET)" = "fashion-mnist" ]; then $(MAKE) --no-print-directory fashion-mnist; fi
+	$(ROS_ENV) $(IN_DOMAIN_OR_ENV) $(VENV)/bin/cbpnet-demo --dataset $(DATASET) $(DEMO_ARGS)
 
 eval: install
 	$(ROS_ENV) $(VENV)/bin/cbpnet-eval $(EVAL_ARGS)
 
 bench: install
-	$(ROS_ENV) $(VENV)/bin/cbpnet-bench $(BENCH_ARGS)
+	$(ROS_ENV) $(IN_DOMAIN_OR_ENV) $(VENV)/bin/cbpnet-bench $(BENCH_ARGS)
 
 soak: install
-	$(ROS_ENV) $(PY) scripts/soak.py $(SOAK_ARGS)
+	$(ROS_ENV) $(IN_DOMAIN_OR_ENV) $(PY) scripts/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build install log *.egg-info .pytest_cache

@@ -4,7 +4,11 @@
   ``MultiThreadedExecutor`` in a background thread, with a :class:`RosClient` next to it;
   shut down in the order docs/environment.md asks for.
 - :func:`node_process` / :func:`stop_process`: the ``cbpnet_node`` console script in a
-  subprocess with a parameters file (:func:`write_params_file`).
+  subprocess with a parameters file (:func:`write_params_file`); always stopped (killed if it
+  must be) on exit, its Fast DDS shared memory removed when it could not remove it itself.
+- A callback that raises in a :class:`Spinner` stops it; the error is printed at once, makes
+  every wait of the :class:`RosClient` spun with it fail with that error as the cause (instead
+  of a timeout with no reason), and is raised again when :func:`node_in_process` exits.
 - :class:`RosClient`: a client node with helpers to publish images and labels, call
   ``std_srvs/Trigger`` services with timeouts, set parameters, collect (JSON) messages and
   wait for subscriptions to match.
@@ -20,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -39,6 +44,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from proc_cleanup import TrackedProcess, sweep_shm
 from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
 
 #: The console script installed in this interpreter's environment (the venv).
@@ -62,12 +68,29 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+def _domain_ids() -> List[int]:
+    ids = [int(x) for x in os.environ.get('ROS2_CBPNET_DOMAIN_IDS', '').split(',') if x]
+    if not ids or str(ids[0]) != os.environ.get('ROS_DOMAIN_ID'):
+        raise RuntimeError('no locked ROS domain: test/conftest.py must be loaded first '
+                           '(run the tests with pytest from the repository root)')
+    return ids
+
+
+def spare_domain_id() -> int:
+    """A second ROS domain id locked for this test run (scripts/ros_domain.py), for a test
+    that needs a domain where nothing else of the run is."""
+    ids = _domain_ids()
+    if len(ids) < 2:
+        raise RuntimeError('this run locked only one ROS domain id')
+    return ids[1]
+
+
 def ros_env(**extra: str) -> Dict[str, str]:
     """``os.environ`` plus the settings every ROS process here needs (DDS on loopback, the
-    test run's domain, offline model hub)."""
+    test run's locked domain, offline model hub)."""
     env = dict(os.environ)
     env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    env.setdefault('ROS_DOMAIN_ID', str(os.getpid() % 100 + 1))
+    env['ROS_DOMAIN_ID'] = str(_domain_ids()[0])
     env.setdefault('AMENT_PREFIX_PATH', sys.prefix)
     env['HF_HUB_OFFLINE'] = '1'
     env['PYTHONUNBUFFERED'] = '1'
@@ -95,28 +118,54 @@ def ros_context(args: Optional[List[str]] = None) -> Iterator[Context]:
         context.try_shutdown()
 
 
+class SpinnerError(AssertionError):
+    """A callback raised in a :class:`Spinner`, which stopped spinning."""
+
+
 class Spinner:
-    """A ``MultiThreadedExecutor`` spinning some nodes in a background thread."""
+    """A ``MultiThreadedExecutor`` spinning some nodes in a background thread.
+
+    rclpy re-raises a callback's exception from ``spin()``, which ends the spin thread: every
+    later wait would time out with no cause. The exception is kept in :attr:`errors`, printed
+    with its traceback at once, and :meth:`check` raises it (as the cause) for the waits of
+    the :class:`RosClient` it spins and when the owner stops it.
+    """
 
     def __init__(self, context: Context, *nodes: Node, num_threads: int = 10) -> None:
         self.executor = MultiThreadedExecutor(num_threads=num_threads, context=context)
+        self.errors: List[BaseException] = []
+        self._stopping = False
         for node in nodes:
-            self.executor.add_node(node)
+            self.add(node)
         self.thread = threading.Thread(target=self._spin, name='test-spin', daemon=True)
         self.thread.start()
 
     def _spin(self) -> None:
         try:
             self.executor.spin()
-        except Exception:  # noqa: BLE001 - the context may be shut down under us
-            pass
+        except Exception as exc:  # noqa: BLE001 - recorded, reported by check()
+            if self._stopping or not self.executor.context.ok():
+                return  # shut down under us: the normal end
+            self.errors.append(exc)
+            print('\n*** test spinner stopped: a callback raised ***', file=sys.stderr)
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
     def add(self, node: Node) -> None:
         """Spin one more node."""
         self.executor.add_node(node)
+        if isinstance(node, RosClient):
+            node.spinner = self
+
+    def check(self) -> None:
+        """Raise :class:`SpinnerError` (from the callback's exception) if spinning failed."""
+        if self.errors:
+            first = self.errors[0]
+            raise SpinnerError(f'a callback raised in the test spinner, which stopped: '
+                               f'{type(first).__name__}: {first}') from first
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the executor and join its thread (before nodes are destroyed)."""
+        self._stopping = True
         self.executor.shutdown(timeout_sec=timeout)
         self.thread.join(timeout)
 
@@ -161,6 +210,7 @@ def node_in_process(parameters: Optional[Dict[str, Any]] = None, *, namespace: s
             if client is not None:
                 client.destroy_node()
             node.destroy_node()
+        spinner.check()  # only when the test itself passed: its own failure comes first
 
 
 @contextlib.contextmanager
@@ -174,6 +224,7 @@ def client_in_process(target: str = '/cbpnet') -> Iterator[RosClient]:
         finally:
             spinner.stop()
             client.destroy_node()
+        spinner.check()
 
 
 # ------------------------------------------------------------------------------ processes
@@ -196,7 +247,8 @@ def node_process(params_files: Union[PathLike, Sequence[PathLike], None] = None,
                  env: Optional[Dict[str, str]] = None) -> Iterator[subprocess.Popen]:
     """Run the console script with ``--ros-args --params-file FILE...`` (later files win)
     and ``ros_args``; output goes to ``log_path`` (a temporary file by default;
-    ``proc.log_path`` says where). SIGINT, then SIGKILL, on exit if it is still running."""
+    ``proc.log_path`` says where). SIGINT, then SIGKILL, on exit if it is still running,
+    also when the test failed; Fast DDS files a killed node left in /dev/shm are removed."""
     if log_path is None:
         fd, log_name = tempfile.mkstemp(prefix='cbpnet_node-', suffix='.log')
         os.close(fd)
@@ -210,14 +262,20 @@ def node_process(params_files: Union[PathLike, Sequence[PathLike], None] = None,
         cmd += ['--params-file', str(path)]
     cmd += list(ros_args)
     with open(log_path, 'wb') as log:
-        proc = subprocess.Popen(cmd, env=env or ros_env(), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = TrackedProcess(cmd, env=env or ros_env(), stdout=log,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     proc.log_path = str(log_path)  # type: ignore[attr-defined]
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            stop_process(proc, timeout=15.0)
+        try:
+            if proc.poll() is None:
+                stop_process(proc, timeout=15.0)
+        finally:
+            if proc.poll() is None:  # even an interrupted stop must not leave it running
+                proc.kill()
+                proc.wait(10)
+            sweep_shm()
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> Optional[int]:
@@ -264,9 +322,16 @@ class Collector:
             self.times.append(time.monotonic())
             self._cond.notify_all()
 
+    def _check_spinner(self) -> None:
+        spinner = getattr(self._node, 'spinner', None)
+        if spinner is not None:
+            spinner.check()
+
     def wait_for(self, predicate: Callable[[Any], bool] = lambda m: True,
                  timeout: float = 30.0, start: int = 0) -> Optional[Any]:
-        """The first message from index ``start`` on that satisfies ``predicate``, or None."""
+        """The first message from index ``start`` on that satisfies ``predicate``, or None.
+
+        Raises :class:`SpinnerError` as soon as the spinner delivering them has died."""
         deadline = time.monotonic() + timeout
         with self._cond:
             index = start
@@ -278,12 +343,20 @@ class Collector:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                self._cond.wait(remaining)
+                self._check_spinner()
+                self._cond.wait(min(remaining, 0.5))
 
     def wait_count(self, count: int, timeout: float = 30.0) -> bool:
-        """True once at least ``count`` messages have arrived."""
+        """True once at least ``count`` messages have arrived (False after ``timeout``)."""
+        deadline = time.monotonic() + timeout
         with self._cond:
-            return self._cond.wait_for(lambda: len(self.messages) >= count, timeout)
+            while len(self.messages) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._check_spinner()
+                self._cond.wait(min(remaining, 0.5))
+            return True
 
     def snapshot(self) -> List[Any]:
         """A copy of the messages so far."""
@@ -322,6 +395,8 @@ class RosClient(Node):
         self._publisher_cache: Dict[Tuple[str, Any], Any] = {}
         self._client_cache: Dict[Tuple[str, Any], Any] = {}
         self._diagnostics: Optional[Collector] = None
+        #: The :class:`Spinner` that spins this client (set by :meth:`Spinner.add`).
+        self.spinner: Optional[Spinner] = None
 
     def resolve(self, name: str) -> str:
         """``~/x`` -> ``<target>/x``; other names unchanged."""
@@ -438,13 +513,17 @@ class RosClient(Node):
             raise TimeoutError(f'service {self.resolve(name)} not available after {timeout} s')
         return client.call_async(request if request is not None else srv_type.Request())
 
-    @staticmethod
-    def result(future: Any, timeout: float) -> Any:
-        """Wait for a Future (spun by the executor) and return its result."""
+    def result(self, future: Any, timeout: float) -> Any:
+        """Wait for a Future (spun by the executor) and return its result; raises
+        :class:`SpinnerError` at once if the spinner died, TimeoutError after ``timeout``."""
         done = threading.Event()
         future.add_done_callback(lambda _: done.set())
-        if not done.wait(timeout):
-            raise TimeoutError(f'no service response after {timeout} s')
+        deadline = time.monotonic() + timeout
+        while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if self.spinner is not None:
+                self.spinner.check()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f'no service response after {timeout} s')
         return future.result()
 
     def call_trigger(self, name: str, timeout: float = 60.0) -> Trigger.Response:
