@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 __all__ = [
-    'CheckpointError', 'IncompatibleCheckpointError', 'SCHEMA_VERSION', 'list_checkpoints',
+    'CheckpointError', 'IncompatibleCheckpointError', 'SCHEMA_VERSION', 'checkpoint_version',
+    'list_checkpoints',
     'load_newest_valid', 'read_checkpoint', 'write_checkpoint',
 ]
 
@@ -51,7 +52,8 @@ def list_checkpoints(directory: str) -> List[str]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def _version(path: str) -> int:
+def checkpoint_version(path: str) -> int:
+    """Model version in a checkpoint file name (-1 when the name is not a checkpoint's)."""
     match = _NAME.match(os.path.basename(path))
     return int(match.group(1)) if match else -1
 
@@ -120,9 +122,10 @@ def _prune(directory: str, keep_path: str) -> None:
     # version was not written by this model (an unreadable, refused or foreign file the
     # loader skipped); it must neither be deleted nor take the slot of the previous valid
     # checkpoint, which would leave a single good file behind.
-    written = _version(keep_path)
-    ours = [path for path in paths if _version(path) <= written]
-    keep = set(ours[:KEEP]) | {keep_path} | {path for path in paths if _version(path) > written}
+    written = checkpoint_version(keep_path)
+    ours = [path for path in paths if checkpoint_version(path) <= written]
+    newer = {path for path in paths if checkpoint_version(path) > written}
+    keep = set(ours[:KEEP]) | {keep_path} | newer
     for path in paths:
         if path not in keep:
             try:

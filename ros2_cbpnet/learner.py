@@ -30,8 +30,9 @@ from .model.backbones import (EMBEDDED_BACKBONE, Backbone, ViTBackbone,
 from .model.cbpnet import PREDICTION_MODES, SELECTION_MODES, CBPNet
 
 __all__ = [
-    'ContinualLearner', 'LearnerBusyError', 'LearnerConfig', 'LearningError', 'Prediction',
-    'Progress', 'TaskResult', 'default_prompt_layers',
+    'ContinualLearner', 'LearnerBusyError', 'LearnerConfig', 'LearningCancelled',
+    'LearningError', 'Prediction', 'Progress', 'TaskResult', 'UNDO_DEPTH',
+    'default_prompt_layers',
 ]
 
 _log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ _log = logging.getLogger(__name__)
 VIT_G_LAYERS, VIT_E_LAYERS = [0, 1], [2, 3, 4]
 CNN_G_LAYERS, CNN_E_LAYERS = [5], [6, 7]
 #: Architecture fields stored in checkpoints; a saved model keeps its own layout.
+#: Models from before this many learned tasks are kept in memory for ``undo_last_task``.
+UNDO_DEPTH = 2
+#: Longest accepted ``unknown_label`` (the node's label limit).
+MAX_LABEL_LENGTH = 128
 ARCH_FIELDS = ('g_prompt_length', 'g_prompt_layers', 'e_prompt_length', 'e_prompt_layers',
                'cbp_hidden_units', 'image_size')
 
@@ -95,6 +100,10 @@ class LearnerConfig:
     fast_paths: bool = True
     seed: int = 0
     top_k: int = 5
+    #: Frames whose novelty exceeds this are reported as ``unknown_label``; <= 0 turns
+    #: rejection off.
+    unknown_threshold: float = 0.0
+    unknown_label: str = 'unknown'
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
@@ -130,6 +139,10 @@ class LearnerConfig:
              'feature_replay_coeff must be >= 0')
         need(self.grad_clip_norm > 0, 'grad_clip_norm must be > 0')
         need(1 <= self.top_k <= 1000, 'top_k must be 1..1000')
+        need(math.isfinite(self.unknown_threshold),
+             'unknown_threshold must be a finite number (<= 0 turns rejection off)')
+        need(0 < len(self.unknown_label.strip()) <= MAX_LABEL_LENGTH,
+             f'unknown_label must be 1..{MAX_LABEL_LENGTH} characters')
 
     def replace(self, **changes: Any) -> 'LearnerConfig':
         """A copy with some fields changed."""
@@ -138,12 +151,21 @@ class LearnerConfig:
 
 @dataclass
 class Prediction:
-    """One classified image."""
+    """One classified image.
+
+    ``label`` is the best taught class, or the configured ``unknown_label`` when ``known`` is
+    False; ``score`` and ``topk`` always refer to taught classes. ``novelty`` is >= 0, higher
+    meaning less like anything taught. ``model_version`` is the version of the model that
+    made this prediction.
+    """
 
     label: str
     score: float
     task_id: int
     topk: List[Tuple[str, float]]
+    novelty: float = 0.0
+    known: bool = True
+    model_version: int = 0
 
 
 @dataclass
@@ -162,9 +184,13 @@ class Progress:
 
 @dataclass
 class TaskResult:
-    """Summary of one learned task (the ``learn_task`` service reply carries these fields)."""
+    """Summary of one ``learn_task`` call (the service reply carries these fields).
 
-    task_id: int
+    ``task_id`` is None when every label was already known (the call only refined those
+    classes and added no task). ``classes`` = ``new_classes`` + ``refined_classes``, sorted.
+    """
+
+    task_id: Optional[int]
     classes: List[str]
     num_samples: int
     epochs: int
@@ -172,6 +198,8 @@ class TaskResult:
     duration_s: float
     replaced_units: int
     model_version: int
+    new_classes: List[str] = field(default_factory=list)
+    refined_classes: List[str] = field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
         """Plain dict for JSON."""
@@ -186,12 +214,35 @@ class LearnerBusyError(LearningError):
     """A task is already being learned."""
 
 
+class LearningCancelled(LearningError):
+    """``learn_task`` was cancelled through its ``cancel`` event; nothing changed."""
+
+    def __init__(self) -> None:
+        super().__init__('cancelled')
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     state: CBPNet
-    classes: Tuple[str, ...]
+    classes: Tuple[str, ...]          # every class ever learned, in head order
     tasks: Tuple[Tuple[str, ...], ...]
     model_version: int
+
+
+def _forgotten(snap: _Snapshot) -> frozenset:
+    active = snap.state.class_active.tolist()
+    return frozenset(c for c, a in zip(snap.classes, active) if not a)
+
+
+def _apply_state_config(state: CBPNet, config: 'LearnerConfig') -> None:
+    """Copy the settings the learned state carries from ``config`` (a fresh copy only)."""
+    state.prompt_selection = config.prompt_selection
+    state.prediction = config.prediction
+    state.lda_shrinkage = config.lda_shrinkage
+    state.cbp.enabled = config.cbp_enabled
+    state.cbp.replacement_rate = config.cbp_replacement_rate
+    state.cbp.maturity_threshold = config.cbp_maturity_threshold
+    state.cbp.decay_rate = config.cbp_decay_rate
 
 
 def default_prompt_layers(backbone: Backbone) -> Tuple[List[int], List[int]]:
@@ -285,6 +336,8 @@ class ContinualLearner:
         self._norm_offset = (-mean / std).view(1, 3, 1, 1)
         self._learn_lock = threading.Lock()
         self._snapshot = _Snapshot(self._new_state(), (), (), 0)
+        # Snapshots from before each of the last UNDO_DEPTH learned tasks (oldest first).
+        self._history: List[_Snapshot] = []
         self.replacements_last_task = 0
 
     # ------------------------------------------------------------ properties
@@ -301,13 +354,28 @@ class ContinualLearner:
 
     @property
     def classes(self) -> List[str]:
-        """Class names in head order."""
-        return list(self._snapshot.classes)
+        """Names of the classes that can be predicted, in head order (forgotten ones left out)."""
+        snap = self._snapshot
+        return [c for c in snap.classes if c not in _forgotten(snap)]
+
+    @property
+    def forgotten_classes(self) -> List[str]:
+        """Classes removed with :meth:`forget`, in head order."""
+        snap = self._snapshot
+        return [c for c in snap.classes if c in _forgotten(snap)]
 
     @property
     def tasks(self) -> List[Dict[str, Any]]:
-        """``[{'task_id': t, 'classes': [...]}, ...]`` of the learned tasks."""
-        return [{'task_id': t, 'classes': list(c)} for t, c in enumerate(self._snapshot.tasks)]
+        """``[{'task_id': t, 'classes': [...]}, ...]`` of the learned tasks (without forgotten
+        classes; a task whose classes were all forgotten keeps its id with an empty list)."""
+        gone = _forgotten(self._snapshot)
+        return [{'task_id': t, 'classes': [c for c in cs if c not in gone]}
+                for t, cs in enumerate(self._snapshot.tasks)]
+
+    @property
+    def can_undo(self) -> bool:
+        """True when :meth:`undo_last_task` has a model to go back to."""
+        return bool(self._history)
 
     @property
     def num_tasks(self) -> int:
@@ -381,16 +449,29 @@ class ContinualLearner:
         """
         if not len(images):
             return []
-        if not self._snapshot.tasks:
+        snap = self._snapshot
+        if not snap.tasks or not bool(snap.state.class_active.any()):
             raise RuntimeError('no task has been learned yet')
-        probs, task_ids, snap = self.predict_tensor(self.preprocess(images))
-        k = min(top_k or self.config.top_k, probs.shape[1])
-        scores, idx = probs.topk(k, dim=1)
+        c = self.config
+        reject = c.unknown_threshold > 0
+        x = self.preprocess(images)
+        with torch.inference_mode(), self._autocast():
+            probs, task_ids, novelty = snap.state.predict_with_novelty(
+                self.backbone, x, c.fast_paths, novelty=True)
+        probs = probs.float()
+        active = snap.state.class_active
+        k = min(top_k or c.top_k, int(active.sum()))
+        # Forgotten classes have probability 0, but so may others after underflow: keep them
+        # out of the top-k explicitly.
+        scores, idx = probs.masked_fill(~active, -1.0).topk(k, dim=1)
         scores, idx, task_ids = scores.cpu().tolist(), idx.cpu().tolist(), task_ids.cpu().tolist()
+        novelty = novelty.float().cpu().tolist()
         out = []
-        for s_row, i_row, t in zip(scores, idx, task_ids):
+        for s_row, i_row, t, nov in zip(scores, idx, task_ids, novelty):
             topk = [(snap.classes[i], float(s)) for i, s in zip(i_row, s_row)]
-            out.append(Prediction(topk[0][0], topk[0][1], int(t), topk))
+            known = not (reject and nov > c.unknown_threshold)
+            out.append(Prediction(topk[0][0] if known else c.unknown_label, topk[0][1], int(t),
+                                  topk, float(nov), known, snap.model_version))
         return out
 
     def evaluate(self, images: Sequence[np.ndarray], labels: Sequence[str],
@@ -438,44 +519,87 @@ class ContinualLearner:
         if any(not label.strip() for label in labels):
             raise LearningError('empty labels are not allowed')
         base = self._snapshot
-        new_classes = sorted(set(labels))
-        owned = [c for c in new_classes if c in base.classes]
-        if owned:
+        gone = _forgotten(base)
+        revived = sorted({label for label in labels if label in gone})
+        if revived:
             raise LearningError(
-                f'classes {owned} were learned in an earlier task; a task must bring new '
-                'classes (use new labels, or clear the buffer of those samples)')
-        c = self.config
-        torch.manual_seed(c.seed + len(base.tasks))
-        state = copy.deepcopy(base.state)
-        task_id = state.add_task()
-        class_ids = state.add_classes(len(new_classes), task_id)
-        index = {name: i for name, i in zip(new_classes, class_ids)}
+                f'classes {revived} were forgotten; teach them under a new label')
+        known = set(base.classes)
+        new_classes = sorted({label for label in labels if label not in known})
+        refined = sorted({label for label in labels if label in known})
         try:
             x = self.preprocess(images)
         except ValueError as exc:
             raise LearningError(f'bad training image: {exc}') from exc
+        c = self.config
+        torch.manual_seed(c.seed + len(base.tasks))
+        state = copy.deepcopy(base.state)
+        trunk, queries = self._frozen_pass(x, state.first_layer)
+        task_id: Optional[int] = None
+        replaced, train_accuracy, epochs = 0, 1.0, 0
+        new_mask = torch.tensor([label not in known for label in labels], device=self.device)
+        index = {name: i for i, name in enumerate(base.classes)}
+        if new_classes:
+            task_id = state.add_task()
+            for name, i in zip(new_classes, state.add_classes(len(new_classes), task_id)):
+                index[name] = i
+            replaced, train_accuracy = self._train_task(
+                state, task_id, x[new_mask], None if trunk is None else trunk[new_mask],
+                queries[new_mask], torch.tensor([index[label] for label, m in zip(
+                    labels, new_mask.tolist()) if m], device=self.device),
+                progress, cancel, len(base.tasks))
+            epochs = c.epochs
+        if cancel is not None and cancel.is_set():
+            raise LearningCancelled()
         y = torch.tensor([index[label] for label in labels], device=self.device)
+        state.eval()
+        # Feature statistics first: they are weighted by the class counts from before.
+        state.merge_feature_statistics(y, self._block_inputs(state, x, trunk, state.class_task[y]))
+        state.add_class_statistics(y, queries)
+        state.invalidate_cache()
+        state._inference_cache()  # built here so the first prediction after the swap is fast
+        if new_classes:
+            snap = _Snapshot(state, base.classes + tuple(new_classes),
+                             base.tasks + (tuple(new_classes),), base.model_version + 1)
+            self._history = (self._history + [base])[-UNDO_DEPTH:]
+        else:
+            snap = _Snapshot(state, base.classes, base.tasks, base.model_version + 1)
+        self._snapshot = snap
+        self.replacements_last_task = replaced
+        return TaskResult(task_id, sorted(new_classes + refined), len(labels), epochs,
+                          train_accuracy, time.monotonic() - started, replaced,
+                          snap.model_version, new_classes, refined)
+
+    def _train_task(self, state: CBPNet, task_id: int, x: torch.Tensor,
+                    trunk: Optional[torch.Tensor], queries: torch.Tensor, y: torch.Tensor,
+                    progress: Optional[Callable[[Progress], None]],
+                    cancel: Optional[threading.Event], seed_offset: int) -> Tuple[int, float]:
+        """Train the new task's prompts, the CBP block and the head on ``state`` in place.
+
+        Returns:
+            (CBP replacements, training accuracy of the last epoch).
+        """
+        c = self.config
+        class_ids = sorted(set(y.tolist()))
         task_classes = torch.tensor(class_ids, device=self.device)
         # Labels relative to the task's own classes, for the class-masked cross-entropy.
         y_task = y - class_ids[0]
-        trunk, queries = self._frozen_pass(x, state.first_layer)
         state.train()
         train_g = not (c.g_prompt_first_task_only and task_id > 0)
         params = state.trainable_parameters(task_id, train_g)
         replay = state.replay_classes(task_id) if c.feature_replay_coeff > 0 else None
         replay = replay if replay is not None and len(replay) else None
         optimizer = torch.optim.Adam(params, lr=c.learning_rate)
-        n = len(labels)
-        steps_per_epoch = math.ceil(n / c.batch_size)
-        steps = steps_per_epoch * c.epochs
-        generator = torch.Generator().manual_seed(c.seed + 1000 * len(base.tasks))
+        n = len(y)
+        steps = math.ceil(n / c.batch_size) * c.epochs
+        generator = torch.Generator().manual_seed(c.seed + 1000 * seed_offset)
         replaced, step, correct, seen = 0, 0, 0, 0
         for epoch in range(c.epochs):
             order = torch.randperm(n, generator=generator).to(self.device)
             correct, seen = 0, 0
             for start in range(0, n, c.batch_size):
                 if cancel is not None and cancel.is_set():
-                    raise LearningError('learning was cancelled; the previous model is kept')
+                    raise LearningCancelled()
                 idx = order[start:start + c.batch_size]
                 h = trunk[idx] if trunk is not None else self._trunk(x[idx], state.first_layer)
                 with self._autocast():
@@ -514,30 +638,105 @@ class ContinualLearner:
         if not all(torch.isfinite(p).all() for p in params):
             raise LearningError('training produced non-finite weights; the task was rolled '
                                 'back and the previous model is kept. Lower learning_rate.')
-        state.eval()
-        state.add_class_statistics(y, queries)
-        state.set_feature_statistics(y, self._block_inputs(state, x, trunk, task_id))
-        state.invalidate_cache()
-        state._inference_cache()  # built here so the first prediction after the swap is fast
-        snap = _Snapshot(state, base.classes + tuple(new_classes),
-                         base.tasks + (tuple(new_classes),), base.model_version + 1)
-        self._snapshot = snap
-        self.replacements_last_task = replaced
-        return TaskResult(task_id, list(new_classes), n, c.epochs, correct / max(seen, 1),
-                          time.monotonic() - started, replaced, snap.model_version)
+        return replaced, correct / max(seen, 1)
+
+    # ------------------------------------------------------- undo and forget
+    def undo_last_task(self) -> Dict[str, Any]:
+        """Go back to the model from before the last learned task.
+
+        Refinements and forgotten classes since that task are undone with it. The model
+        version still increases, so every consumer sees a change.
+
+        Returns:
+            ``{'removed_task': int, 'removed_classes': [str], 'model_version': int}``.
+
+        Raises:
+            LearnerBusyError: a task is being learned.
+            LearningError: there is nothing to undo.
+        """
+        if not self._learn_lock.acquire(blocking=False):
+            raise LearnerBusyError('a task is being learned; cancel it or wait')
+        try:
+            if not self._history:
+                raise LearningError('nothing to undo')
+            current = self._snapshot
+            previous = self._history.pop()
+            removed = list(current.tasks[len(previous.tasks):])
+            self._snapshot = dataclasses.replace(previous,
+                                                 model_version=current.model_version + 1)
+            return {'removed_task': len(previous.tasks),
+                    'removed_classes': [c for task in removed for c in task],
+                    'model_version': self._snapshot.model_version}
+        finally:
+            self._learn_lock.release()
+
+    def forget(self, label: str) -> Dict[str, Any]:
+        """Remove one class: it is never predicted (nor replayed) again.
+
+        Its statistics stay in the shared covariance (they cannot be separated out), which
+        only slightly changes the other classes' posteriors.
+
+        Returns:
+            ``{'forgotten': label, 'model_version': int}``.
+
+        Raises:
+            LearnerBusyError: a task is being learned.
+            LearningError: ``label`` is not a class the model can predict.
+        """
+        if not self._learn_lock.acquire(blocking=False):
+            raise LearnerBusyError('a task is being learned; cancel it or wait')
+        try:
+            base = self._snapshot
+            if label not in base.classes or label in _forgotten(base):
+                raise LearningError(f'unknown class {label!r}')
+            state = copy.deepcopy(base.state)
+            state.class_active[base.classes.index(label)] = False
+            state.invalidate_cache()
+            state._inference_cache()
+            self._snapshot = dataclasses.replace(base, state=state,
+                                                 model_version=base.model_version + 1)
+            return {'forgotten': label, 'model_version': self._snapshot.model_version}
+        finally:
+            self._learn_lock.release()
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change configuration fields at run time without touching the serving snapshot.
+
+        Learning fields apply to the next task. Fields that the learned state carries
+        (prediction and selection modes, LDA shrinkage, CBP settings) are applied to a copy
+        that is swapped in atomically. Architecture fields cannot change.
+
+        Raises:
+            ValueError: an unknown or invalid field, or an architecture field.
+        """
+        fixed = [k for k in changes if k in ARCH_FIELDS + ('backbone', 'backbone_checkpoint',
+                                                           'device', 'precision')]
+        if fixed:
+            raise ValueError(f'{fixed} cannot change at run time')
+        config = self.config.replace(**changes)
+        config.validate()
+        with self._learn_lock:
+            self.config = config
+            base = self._snapshot
+            state = copy.deepcopy(base.state)
+            _apply_state_config(state, config)
+            state.invalidate_cache()
+            if state.num_tasks:
+                state._inference_cache()
+            self._snapshot = dataclasses.replace(base, state=state)
 
     def _block_inputs(self, state: CBPNet, x: torch.Tensor, trunk: Optional[torch.Tensor],
-                      task_id: int) -> torch.Tensor:
-        """Prompted features (CBP block inputs) of the task's samples with its E-prompt."""
+                      task_ids: torch.Tensor) -> torch.Tensor:
+        """Prompted features (CBP block inputs) of samples, each with its class's E-prompt."""
         chunk = max(self.config.batch_size, 32)
         out = []
         with torch.no_grad(), self._autocast():
             for start in range(0, x.shape[0], chunk):
                 h = trunk[start:start + chunk] if trunk is not None \
                     else self.backbone.trunk(x[start:start + chunk], state.first_layer)
-                ids = torch.full((h.shape[0],), task_id, device=self.device)
                 out.append(self.backbone.prompted_from_trunk(
-                    h, state.first_layer, state.prompts_for(ids)).float())
+                    h, state.first_layer,
+                    state.prompts_for(task_ids[start:start + chunk])).float())
         return torch.cat(out)
 
     def _trunk(self, x: torch.Tensor, first_layer: int) -> torch.Tensor:
@@ -591,6 +790,10 @@ class ContinualLearner:
 
         The checkpoint's architecture (prompt layout, block width, image size) wins over the
         configuration, with a warning, since the learned weights only fit their own layout.
+        The undo history is cleared.
+
+        Raises:
+            CheckpointError: the payload does not fit this model.
         """
         arch = payload['architecture']
         changes = {k: arch[k] for k in ARCH_FIELDS if k in arch and arch[k] != getattr(
@@ -598,20 +801,31 @@ class ContinualLearner:
         if changes:
             _log.warning('checkpoint architecture overrides the configuration: %s', changes)
             self.config = self.config.replace(**changes)
+        self._snapshot = self._snapshot_from_payload(payload)
+        self._history = []
+
+    def _snapshot_from_payload(self, payload: Dict[str, Any]) -> _Snapshot:
+        arch = payload['architecture']
         state = self._new_state()
+        weights = dict(payload['state_dict'])
+        # Checkpoints from before forgetting existed: every class is active.
+        weights.setdefault('class_active', torch.ones(len(arch.get('class_task', ())),
+                                                      dtype=torch.bool))
         try:
             state.grow_to(int(arch['num_tasks']), arch['class_task'])
-            state.load_state_dict(payload['state_dict'])
+            state.load_state_dict(weights)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ckpt.CheckpointError(f'checkpoint does not fit this model: {exc}') from exc
         state.to(self.device).eval()
         state._inference_cache()
         tasks = tuple(tuple(t) for t in payload['tasks'])
-        self._snapshot = _Snapshot(state, tuple(payload['classes']), tasks,
-                                   int(payload['model_version']))
+        return _Snapshot(state, tuple(payload['classes']), tasks, int(payload['model_version']))
 
     def load_latest_checkpoint(self, directory: str) -> Optional[str]:
         """Load the newest valid checkpoint of ``directory``, falling back to older ones.
+
+        When an older kept checkpoint holds the same tasks minus the last one, it becomes
+        the undo history, so :meth:`undo_last_task` also works after a restart.
 
         Returns:
             The path loaded, or None when the directory holds no valid checkpoint.
@@ -620,23 +834,22 @@ class ContinualLearner:
             IncompatibleCheckpointError: the newest readable checkpoint belongs to another
                 backbone or schema.
         """
-        for _ in range(ckpt.KEEP + 1):
-            payload, path, problems = ckpt.load_newest_valid(directory, self.config.backbone)
-            for problem in problems:
-                _log.error('skipping checkpoint: %s', problem)
-            if payload is None:
-                return None
-            try:
-                self.load_checkpoint_payload(payload)
-                return path
-            except ckpt.CheckpointError as exc:
-                _log.error('skipping checkpoint %s: %s', path, exc)
-                return self._load_older(directory, path)
-        return None
+        payload, path, problems = ckpt.load_newest_valid(directory, self.config.backbone)
+        for problem in problems:
+            _log.error('skipping checkpoint: %s', problem)
+        if payload is None:
+            return None
+        try:
+            self.load_checkpoint_payload(payload)
+        except ckpt.CheckpointError as exc:
+            _log.error('skipping checkpoint %s: %s', path, exc)
+            return self._load_older(directory, path)
+        self._history_from_older(directory, path)
+        return path
 
     def _load_older(self, directory: str, bad_path: str) -> Optional[str]:
         for path in ckpt.list_checkpoints(directory):
-            if path >= bad_path:
+            if ckpt.checkpoint_version(path) >= ckpt.checkpoint_version(bad_path):
                 continue
             try:
                 self.load_checkpoint_payload(ckpt.read_checkpoint(path))
@@ -644,3 +857,19 @@ class ContinualLearner:
             except ckpt.CheckpointError as exc:
                 _log.error('skipping checkpoint %s: %s', path, exc)
         return None
+
+    def _history_from_older(self, directory: str, loaded: str) -> None:
+        current = self._snapshot
+        for path in ckpt.list_checkpoints(directory):
+            if ckpt.checkpoint_version(path) >= ckpt.checkpoint_version(loaded):
+                continue
+            try:
+                payload = ckpt.read_checkpoint(path)
+                if payload.get('backbone') != self.config.backbone:
+                    return
+                older = self._snapshot_from_payload(payload)
+            except ckpt.CheckpointError:
+                return
+            if older.tasks == current.tasks[:-1] and len(current.tasks) > len(older.tasks):
+                self._history = [older]
+            return

@@ -221,12 +221,6 @@ def test_bad_learning_input_is_refused(backbone, images, labels, match):
 
 
 @pytest.mark.slow
-def test_a_class_of_an_earlier_task_is_refused(two_tasks):
-    learner, _, _ = two_tasks
-    with pytest.raises(LearningError, match='earlier task'):
-        learner.learn_task([np.zeros((8, 8, 3), np.uint8)] * 2, ['0', 'new'])
-
-
 def test_predict_before_any_task_raises(backbone):
     with pytest.raises(RuntimeError, match='no task'):
         _learner(backbone).predict([np.zeros((8, 8, 3), np.uint8)])

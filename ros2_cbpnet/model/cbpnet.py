@@ -96,6 +96,8 @@ class CBPNet(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(0))
         self.register_buffer('class_task', torch.zeros(0, dtype=torch.long))
         self.register_buffer('class_count', torch.zeros(0, dtype=torch.long))
+        # False for forgotten classes: never predicted again, never replayed.
+        self.register_buffer('class_active', torch.zeros(0, dtype=torch.bool))
         self.register_buffer('query_mean', torch.zeros(0, d))
         # Within-class scatter of the frozen queries, summed over all classes (for LDA).
         self.register_buffer('query_scatter', torch.zeros(d, d))
@@ -153,6 +155,8 @@ class CBPNet(nn.Module):
             (count,), task_id, dtype=torch.long, device=device)])
         self.class_count = torch.cat([self.class_count, torch.zeros(
             count, dtype=torch.long, device=device)])
+        self.class_active = torch.cat([self.class_active, torch.ones(
+            count, dtype=torch.bool, device=device)])
         self.query_mean = torch.cat([self.query_mean, torch.zeros(count, d, device=device)])
         self.feature_mean = torch.cat([self.feature_mean, torch.zeros(count, d, device=device)])
         self.feature_var = torch.cat([self.feature_var, torch.zeros(count, d, device=device)])
@@ -187,18 +191,29 @@ class CBPNet(nn.Module):
         self.invalidate_cache()
 
     @torch.no_grad()
-    def set_feature_statistics(self, class_ids: torch.Tensor, features: torch.Tensor) -> None:
-        """Store mean and variance of block-input features per class (for feature replay)."""
+    def merge_feature_statistics(self, class_ids: torch.Tensor, features: torch.Tensor) -> None:
+        """Merge block-input features into each class's mean and variance (feature replay).
+
+        Call before :meth:`add_class_statistics`, whose counts weight the old statistics.
+        """
         features = features.to(self.feature_mean.dtype)
         for c in torch.unique(class_ids).tolist():
             f = features[class_ids == c]
-            self.feature_mean[c] = f.mean(0)
-            self.feature_var[c] = f.var(0, unbiased=False) if f.shape[0] > 1 \
-                else torch.zeros_like(f[0])
+            n_new, n_old = f.shape[0], int(self.class_count[c])
+            mean_new = f.mean(0)
+            var_new = f.var(0, unbiased=False) if n_new > 1 else torch.zeros_like(mean_new)
+            if n_old:
+                n = n_old + n_new
+                delta = mean_new - self.feature_mean[c]
+                var_new = (n_old * self.feature_var[c] + n_new * var_new) / n \
+                    + (n_old * n_new / n ** 2) * delta ** 2
+                mean_new = self.feature_mean[c] + delta * (n_new / n)
+            self.feature_mean[c] = mean_new
+            self.feature_var[c] = var_new
 
     def replay_classes(self, before_task: int) -> torch.Tensor:
         """Classes of tasks before ``before_task`` that have feature statistics."""
-        has_stats = self.class_count > 0
+        has_stats = (self.class_count > 0) & self.class_active
         return torch.nonzero(has_stats & (self.class_task < before_task)).flatten()
 
     def sample_replay(self, classes: torch.Tensor, count: int, generator: torch.Generator
@@ -282,7 +297,7 @@ class CBPNet(nn.Module):
             for i in self.e_prompt_layers:
                 cache[f'e{i}'] = torch.stack([e[str(i)].detach() for e in self.e_prompts])
         counts = self.class_count
-        seen = counts > 0
+        seen = (counts > 0) & self.class_active
         cache['seen'] = seen
         if self.num_classes and bool(seen.any()):
             mean = self.query_mean
@@ -297,6 +312,7 @@ class CBPNet(nn.Module):
             weight = torch.linalg.solve(cov, mean.double().T).T  # (C, D) = mean @ cov^-1
             cache['lda_w'] = weight.to(mean.dtype)
             cache['lda_b'] = (-0.5 * (weight * mean.double()).sum(1)).to(mean.dtype)
+            cache['precision'] = torch.linalg.inv(cov).to(mean.dtype)
         self._cache = cache
         return cache
 
@@ -315,6 +331,19 @@ class CBPNet(nn.Module):
         return torch.softmax(scores.float(), dim=1)
 
     @torch.no_grad()
+    def novelty(self, queries: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance of each query to the nearest taught class mean, per
+        feature dimension, under the shrunk shared covariance (0 = at a class mean)."""
+        cache = self._inference_cache()
+        if 'precision' not in cache:
+            return torch.zeros(queries.shape[0], device=queries.device)
+        q = queries.to(cache['precision'].dtype)
+        quad = ((q @ cache['precision']) * q).sum(1, keepdim=True)
+        dist = quad - 2.0 * (q @ cache['lda_w'].T + cache['lda_b'])
+        dist = dist.masked_fill(~cache['seen'], float('inf'))
+        return dist.min(1).values.clamp_min(0.0).float() / self.feature_dim
+
+    @torch.no_grad()
     def task_posterior(self, queries: torch.Tensor) -> torch.Tensor:
         """P(task | query) for each sample, shape (B, num_tasks)."""
         b, t = queries.shape[0], self.num_tasks
@@ -324,6 +353,9 @@ class CBPNet(nn.Module):
         if class_post is None:
             keys = self._inference_cache()['keys']
             sim = F.normalize(queries.float(), dim=1) @ keys.float().T
+            alive = torch.zeros(t, dtype=torch.bool, device=sim.device)
+            alive[self.class_task[self.class_active]] = True
+            sim = sim.masked_fill(~alive, float('-inf'))
             return F.one_hot(sim.argmax(1), t).float()
         task_post = torch.zeros(b, t, device=queries.device)
         task_post.index_add_(1, self.class_task, class_post)
@@ -337,32 +369,45 @@ class CBPNet(nn.Module):
         ``fast_paths=False`` runs the naive two full passes (no shared trunk, no one-task
         shortcut); the benchmark uses it to show what the savings buy.
         """
-        if not self.num_tasks:
+        probs, task_ids, _ = self.predict_with_novelty(backbone, x, fast_paths, novelty=False)
+        return probs, task_ids
+
+    @torch.no_grad()
+    def predict_with_novelty(self, backbone: Backbone, x: torch.Tensor,
+                             fast_paths: bool = True, novelty: bool = True
+                             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`predict` plus :meth:`novelty` of each frame (None when not asked for).
+
+        Novelty needs the frozen query, so the one-task shortcut (no query pass) only applies
+        when ``novelty`` is False.
+        """
+        if not self.num_tasks or not bool(self.class_active.any()):
             raise RuntimeError('no task has been learned yet')
         b = x.shape[0]
+        queries = None
         if not fast_paths:
             queries = backbone.query(x)
-            task_post = self.task_posterior(queries)
-            class_post = None if self.prompt_selection == 'key' \
-                else self.class_posterior(queries)
             trunk = backbone.trunk(x, self.first_layer)
-        elif self.num_tasks == 1:
-            # One task: its E-prompt is the only choice, so the query pass is skipped.
+        else:
             trunk = backbone.trunk(x, self.first_layer)
+            if self.num_tasks > 1 or novelty:
+                queries = backbone.query_from_trunk(trunk, self.first_layer)
+        if self.num_tasks == 1 and fast_paths:
+            # One task: its E-prompt is the only choice, so selection needs no query.
             task_post = torch.ones(b, 1, device=x.device)
             class_post = None
         else:
-            trunk = backbone.trunk(x, self.first_layer)
-            queries = backbone.query_from_trunk(trunk, self.first_layer)
             task_post = self.task_posterior(queries)
             class_post = None if self.prompt_selection == 'key' \
                 else self.class_posterior(queries)
         task_ids = task_post.argmax(1)
         z = self.features(backbone, trunk, task_ids)
-        logits = self.logits(z).float()
+        logits = self.logits(z).float().masked_fill(~self.class_active, float('-inf'))
         if self.prediction == 'all':
-            return torch.softmax(logits, dim=1), task_ids
-        return self._task_conditional(logits, task_ids, task_post, class_post), task_ids
+            probs = torch.softmax(logits, dim=1)
+        else:
+            probs = self._task_conditional(logits, task_ids, task_post, class_post)
+        return probs, task_ids, (self.novelty(queries) if novelty else None)
 
     def _task_conditional(self, logits: torch.Tensor, task_ids: torch.Tensor,
                           task_post: torch.Tensor, class_post: Optional[torch.Tensor]
@@ -372,8 +417,10 @@ class CBPNet(nn.Module):
         within = torch.softmax(logits.masked_fill(~in_selected, float('-inf')), dim=1)
         if class_post is None:
             # No class statistics (key selection): other tasks share their mass uniformly.
-            sizes = torch.bincount(self.class_task, minlength=self.num_tasks).float()
-            other = 1.0 / sizes[self.class_task].unsqueeze(0).expand_as(logits)
+            sizes = torch.bincount(self.class_task[self.class_active],
+                                   minlength=self.num_tasks).float().clamp_min(1.0)
+            other = (self.class_active.float() / sizes[self.class_task]).unsqueeze(0)
+            other = other.expand_as(logits)
         else:
             per_task = torch.zeros_like(task_post).index_add_(1, self.class_task, class_post)
             other = class_post / per_task.gather(1, owner.expand_as(logits)).clamp_min(1e-12)
