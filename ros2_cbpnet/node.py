@@ -1,67 +1,54 @@
 """``cbpnet_node``: the rclpy node that learns new image classes on the robot and classifies
-camera frames (the interface contract is docs/interface.md; this module is its one home).
+camera frames (the contract is docs/interface.md; the README's "Interface" section lists it).
 
-Topics, services and parameters (``~`` = ``/<namespace>/cbpnet``):
+Every topic, service and parameter is created in :meth:`CBPNetNode._create_interfaces` and
+:mod:`ros2_cbpnet.node_parameters` (``~`` = ``/<namespace>/cbpnet``):
 
-- subscribes: every topic of ``image_topics`` (``sensor_msgs/Image``; a name ending in
-  ``/compressed`` is ``CompressedImage``) with the QoS of ``image_qos``;
-  ``~/labelled_images`` (Image) and ``~/labelled_images/compressed`` (CompressedImage), label
-  in ``header.frame_id``, reliable with a deep queue; ``~/teach`` (String).
+- subscribes: each topic of ``image_topics`` (default the relative ``image``; ``Image``, or
+  ``CompressedImage`` when the resolved name ends in ``/compressed``) with the QoS of
+  ``image_qos``; ``~/labelled_images`` (Image) and ``~/labelled_images/compressed``
+  (CompressedImage), label in ``header.frame_id``, reliable keep-all; ``~/teach`` and
+  ``~/forget`` (String).
 - services (``std_srvs/Trigger``, ``message`` is always JSON, ``{"error": ...}`` on failure):
-  ``~/learn_task``, ``~/clear_buffer``, ``~/save``.
+  ``~/learn_task``, ``~/cancel_learning``, ``~/undo_last_task``, ``~/clear_buffer``,
+  ``~/save``.
 - publishes: ``~/predictions`` and ``~/learning_progress`` (JSON Strings), ``~/labels``
   (JSON String, transient-local), ``~/debug_image`` (bgr8, only while subscribed),
-  ``/diagnostics`` (four ``cbpnet: ...`` statuses).
-- parameters: :data:`PARAMETERS` (defaults in :data:`DEFAULTS` and ``config/cbpnet.yaml``).
+  ``~/classification`` and ``~/vision_info`` (vision_msgs, when installed),
+  ``/diagnostics`` (:mod:`ros2_cbpnet.node_diagnostics`).
 
-Diagnostics keys (values are strings; lists and dicts as JSON):
-
-- ``cbpnet: inference``: input_rate_hz, classified_rate_hz, frames_received,
-  frames_classified, dropped_frames (replaced before inference saw them), rejected (all bad
-  messages), rejected_<reason> for every image_codec reason and bad_label,
-  rejected_camera/labelled/teach, latency_mean_ms, latency_p95_ms (receipt to publish, last
-  frames), debug_images, device, backbone, image_size, topics.
-- ``cbpnet: learner`` (WARN until a task is learned or after a failed learn_task): state
-  (idle/learning), tasks, classes, model_version, buffer_samples, buffer_per_class,
-  buffer_dropped, teaching, teach_samples, labelled_samples, last_task, last_error,
-  max_label_length, progress (while learning).
-- ``cbpnet: cbp block``: ContinualLearner.cbp_stats() (hidden_units, utility_mean/min/max,
-  dormant_fraction, mature_units, replacements_total, replacements_last_task, enabled).
-- ``cbpnet: prompts``: task_<t> (frames that selected E-prompt t since start),
-  selections_total, e_prompts.
-
-Threading: camera callbacks only keep the newest message per camera; one inference thread
-decodes whatever is waiting, classifies it in one batch and publishes. ``~/learn_task``
-trains on one dedicated learning thread while its service callback waits (a reentrant group,
-so a second call is refused at once); inference keeps using the previous model meanwhile (the
-learner swaps models atomically).
-Labelled images, teaching, the other services, parameters and diagnostics each have their
-own callback group, so none of them waits for another.
+The node class is the ROS wiring; the work is in modules without ROS imports:
+:mod:`~ros2_cbpnet.inference_worker` (the newest frame per camera, classified in batches on
+one thread), :mod:`~ros2_cbpnet.model_manager` (learn on one dedicated thread while the
+service callback waits, cancel, undo, forget, save: one change at a time, each followed by a
+checkpoint and ``~/labels``), :mod:`~ros2_cbpnet.teaching`, and the ROS-facing helpers
+:mod:`~ros2_cbpnet.node_parameters`, :mod:`~ros2_cbpnet.node_diagnostics`,
+:mod:`~ros2_cbpnet.vision_msgs_bridge` and :mod:`~ros2_cbpnet.ros_logging` (the package's
+Python logger goes to ``/rosout``). Inference keeps using the previous model while a task is
+learned (the learner swaps models atomically). Labelled images, camera and teach, forget,
+learn_task (reentrant: a second call is refused at once), cancel, the other services and
+diagnostics each have their own callback group; no exception leaves a callback.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import ctypes
 import dataclasses
+import functools
 import json
 import logging
-import math
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import rclpy
 import rclpy.logging
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
-                                ParameterType, SetParametersResult)
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.exceptions import (InvalidParameterTypeException, ParameterException,
-                              ParameterUninitializedException)
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -71,268 +58,82 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from . import checkpoint as ckpt
-from .image_codec import (REASONS, ImageRejected, compressed_msg_to_rgb, draw_label,
-                          image_msg_to_rgb)
-from .learner import (ARCH_FIELDS, ContinualLearner, LearnerBusyError, LearnerConfig,
-                      LearningError, Progress)
+from .image_codec import ImageRejected, compressed_msg_to_rgb, draw_label, image_msg_to_rgb
+from .inference_worker import InferenceWorker
+from .learner import ARCH_FIELDS, ContinualLearner, LearnerConfig, Prediction, Progress
 from .model.backbones import BackboneLoadError
+from .model_manager import ModelManager
+from .node_diagnostics import (BAD_LABEL, LearnerFacts, NodeStats, StatusBuilder,
+                               status_prefix)
+from .node_parameters import (CLASS_LABELS_PARAMETER, DEFAULTS, LEARNER_PARAMS, PARAMETERS,
+                              ConfigError, check_parameters, declare_class_labels,
+                              declare_parameters, plain_value)
+from .ros_logging import forward_package_logs, stop_forwarding
 from .sample_buffer import MAX_LABEL_LENGTH, SampleBuffer, validate_label
+from .teaching import TeachSession
+from .vision_msgs_bridge import (classification_message, hypotheses, load_vision_msgs,
+                                 method_name, vision_info_message)
 
 __all__ = ['CBPNetNode', 'ConfigError', 'DEFAULTS', 'PARAMETERS', 'check_parameters',
-           'declare_parameters', 'main']
+           'declare_parameters', 'main', 'prediction_record']
 
-#: Rejection reason for labels (empty, too long, control characters), next to image_codec's.
-BAD_LABEL = 'bad_label'
-REJECT_REASONS: Tuple[str, ...] = tuple(REASONS) + (BAD_LABEL,)
 #: Executor threads: learn_task (+1 to refuse a concurrent call), labelled images, camera and
-#: teach, services, diagnostics, parameter services, and one spare.
-EXECUTOR_THREADS = 8
-#: Latencies (most recent frames) behind the mean/p95 in diagnostics.
-LATENCY_WINDOW = 1000
-QOS_CHOICES = ('sensor_data', 'reliable')
+#: teach, forget, services, cancel, diagnostics, parameter services, and one spare.
+EXECUTOR_THREADS = 10
 
-# ------------------------------------------------------------------------------ parameters
-#: Learner fields exposed as parameters of the same name.
-LEARNER_PARAMS: Tuple[str, ...] = (
-    'backbone', 'backbone_checkpoint', 'device', 'precision', 'image_size', 'epochs',
-    'batch_size', 'learning_rate', 'g_prompt_length', 'g_prompt_layers', 'e_prompt_length',
-    'e_prompt_layers', 'pull_constraint_coeff', 'cbp_enabled', 'cbp_hidden_units',
-    'cbp_replacement_rate', 'cbp_maturity_threshold', 'cbp_decay_rate', 'prompt_selection',
-    'prediction', 'lda_shrinkage', 'feature_replay_coeff', 'g_prompt_first_task_only', 'seed',
-    'top_k')
-
-_LEARNER_DEFAULTS = LearnerConfig()
-#: Every parameter's default, the single source in code (config/cbpnet.yaml mirrors it and a
-#: test keeps the two equal). Learner defaults come from LearnerConfig itself.
-DEFAULTS: Dict[str, Any] = {
-    **{name: getattr(_LEARNER_DEFAULTS, name) for name in LEARNER_PARAMS},
-    # LearnerConfig's 0 means the backbone's own size (224 for Lite0); 128 px keeps a 2-core
-    # robot at camera rate while losing little accuracy on object-sized classes.
-    'image_size': 128,
-    'image_topics': ['/camera/image_raw'],
-    'image_qos': 'sensor_data',
-    'max_image_pixels': 8_000_000,
-    'teach_rate_hz': 5.0,
-    'teach_timeout_s': 30.0,
-    'min_samples_per_class': 5,
-    'max_samples_per_class': 500,
-    'max_buffer_samples': 5000,
-    'checkpoint_dir': '~/.ros/cbpnet',
-    'diagnostics_period_s': 1.0,
-}
+#: Training samples and forget requests: reliable and keep-all, so a publisher that sends
+#: faster than the node takes them is slowed down by DDS flow control instead of having
+#: unread samples overwritten (a keep-last queue of 256 lost everything beyond it in a burst
+#: of 400). rclpy exposes no resource limits; Fast DDS bounds the queue with its defaults.
+LOSSLESS_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """How one parameter is declared: type, description, range, read-only flag."""
-
-    type: int
-    description: str
-    low: Optional[float] = None
-    high: Optional[float] = None
-    read_only: bool = False
-    constraints: str = ''
-
-
-_T = ParameterType
-_RO = dict(read_only=True)
-
-#: Every parameter the node declares, in one place.
-PARAMETERS: Dict[str, ParamSpec] = {
-    # --- model (read-only: they shape the network and its checkpoint)
-    'backbone': ParamSpec(_T.PARAMETER_STRING, 'timm model name of the frozen backbone; '
-                          'tf_efficientnet_lite0 has embedded weights, others need the '
-                          'Hugging Face cache or backbone_checkpoint', **_RO),
-    'backbone_checkpoint': ParamSpec(_T.PARAMETER_STRING, 'local weights file for the backbone '
-                                     '(.safetensors/.pth); empty = default source', **_RO),
-    'device': ParamSpec(_T.PARAMETER_STRING, 'torch device', constraints='auto, cpu, cuda or '
-                        'cuda:N', **_RO),
-    'precision': ParamSpec(_T.PARAMETER_STRING, 'inference/training precision; fp16 and bf16 '
-                           'need CUDA', constraints='fp32, fp16 or bf16', **_RO),
-    'image_size': ParamSpec(_T.PARAMETER_INTEGER, 'network input side in pixels (frames are '
-                            'resized to a square); 0 = backbone default', 0, 1024, **_RO),
-    'g_prompt_length': ParamSpec(_T.PARAMETER_INTEGER, 'G-prompt length (ViT prefix tokens)',
-                                 0, 256, **_RO),
-    'g_prompt_layers': ParamSpec(_T.PARAMETER_INTEGER_ARRAY, 'layers with the G-prompt; empty '
-                                 '= family default (ViT [0, 1], CNN [5]); [-1] = none', **_RO),
-    'e_prompt_length': ParamSpec(_T.PARAMETER_INTEGER, 'E-prompt length (ViT prefix tokens)',
-                                 1, 256, **_RO),
-    'e_prompt_layers': ParamSpec(_T.PARAMETER_INTEGER_ARRAY, 'layers with the task E-prompts; '
-                                 'empty = family default (ViT [2, 3, 4], CNN [6, 7])', **_RO),
-    'cbp_hidden_units': ParamSpec(_T.PARAMETER_INTEGER, 'hidden units of the CBP block', 1,
-                                  65536, **_RO),
-    # --- learning (apply to the next learned task)
-    'epochs': ParamSpec(_T.PARAMETER_INTEGER, 'training epochs per task', 1, 1000),
-    'batch_size': ParamSpec(_T.PARAMETER_INTEGER, 'training batch size', 1, 4096),
-    'learning_rate': ParamSpec(_T.PARAMETER_DOUBLE, 'Adam learning rate (constant), > 0', 0.0,
-                               10.0),
-    'pull_constraint_coeff': ParamSpec(_T.PARAMETER_DOUBLE, 'weight of the key pull '
-                                       'constraint in the loss', 0.0, 1000.0),
-    'cbp_enabled': ParamSpec(_T.PARAMETER_BOOL, 'continual backpropagation on; false = the '
-                             'DualPrompt baseline (same block, no replacement)'),
-    'cbp_replacement_rate': ParamSpec(_T.PARAMETER_DOUBLE, 'fraction of mature CBP units '
-                                      'replaced per optimiser step', 0.0, 1.0),
-    'cbp_maturity_threshold': ParamSpec(_T.PARAMETER_INTEGER, 'optimiser steps before a CBP '
-                                        'unit may be replaced', 0, 1_000_000_000),
-    'cbp_decay_rate': ParamSpec(_T.PARAMETER_DOUBLE, 'decay of the running utility, in (0, 1)',
-                                0.0, 1.0),
-    'feature_replay_coeff': ParamSpec(_T.PARAMETER_DOUBLE, 'weight of the loss on replayed '
-                                      'pseudo-features of earlier classes (keeps the shared '
-                                      'block and head from drifting); 0 = off', 0.0, 1000.0),
-    'g_prompt_first_task_only': ParamSpec(_T.PARAMETER_BOOL, 'train the shared G-prompt on the '
-                                          'first task only, so earlier tasks keep their '
-                                          'features; false = DualPrompt (always)'),
-    'seed': ParamSpec(_T.PARAMETER_INTEGER, 'random seed of training', 0, 2 ** 31 - 1),
-    # --- prediction (apply at once)
-    'prompt_selection': ParamSpec(_T.PARAMETER_STRING, 'how the E-prompt is chosen for a '
-                                  'frame', constraints='key, class_mean or lda'),
-    'prediction': ParamSpec(_T.PARAMETER_STRING, 'all = softmax over all classes; task = '
-                            'weighted by the task posterior', constraints='all or task'),
-    'lda_shrinkage': ParamSpec(_T.PARAMETER_DOUBLE, 'isotropic share of the LDA covariance',
-                               0.0, 1.0),
-    'top_k': ParamSpec(_T.PARAMETER_INTEGER, 'entries in each prediction topk list (at most '
-                       'the number of classes)', 1, 1000),
-    # --- input
-    'image_topics': ParamSpec(_T.PARAMETER_STRING_ARRAY, 'camera topics to classify; names '
-                              'ending in /compressed are CompressedImage', **_RO),
-    'image_qos': ParamSpec(_T.PARAMETER_STRING, 'camera QoS: sensor_data (best effort, depth '
-                           '1) or reliable', constraints='sensor_data or reliable', **_RO),
-    'max_image_pixels': ParamSpec(_T.PARAMETER_INTEGER, 'larger images are rejected (also '
-                                  'guards against decompression bombs)', 1, 2 ** 28),
-    # --- buffer and teaching
-    'teach_rate_hz': ParamSpec(_T.PARAMETER_DOUBLE, 'camera frames per second added to the '
-                               'buffer while teaching', 0.001, 1000.0),
-    'teach_timeout_s': ParamSpec(_T.PARAMETER_DOUBLE, 'teaching stops by itself after this '
-                                 'long', 0.001, 86400.0),
-    'min_samples_per_class': ParamSpec(_T.PARAMETER_INTEGER, 'learn_task refuses classes with '
-                                       'fewer buffered samples', 1, 1_000_000),
-    'max_samples_per_class': ParamSpec(_T.PARAMETER_INTEGER, 'per-class buffer cap (oldest '
-                                       'dropped first)', 1, 1_000_000),
-    'max_buffer_samples': ParamSpec(_T.PARAMETER_INTEGER, 'total buffer cap (oldest dropped '
-                                    'first)', 1, 10_000_000),
-    # --- persistence and monitoring
-    'checkpoint_dir': ParamSpec(_T.PARAMETER_STRING, 'checkpoints are written here after each '
-                                'task and on ~/save, and loaded at start; ~ is expanded; '
-                                'empty = no persistence', **_RO),
-    'diagnostics_period_s': ParamSpec(_T.PARAMETER_DOUBLE, 'period of /diagnostics', 0.01,
-                                      3600.0),
-}
-assert set(PARAMETERS) == set(DEFAULTS), set(PARAMETERS) ^ set(DEFAULTS)
-
-_ARRAY_TYPES = {_T.PARAMETER_INTEGER_ARRAY: Parameter.Type.INTEGER_ARRAY,
-                _T.PARAMETER_STRING_ARRAY: Parameter.Type.STRING_ARRAY}
-_TYPE_NAMES = {_T.PARAMETER_BOOL: 'bool', _T.PARAMETER_INTEGER: 'integer',
-               _T.PARAMETER_DOUBLE: 'double (write 5.0, not 5)', _T.PARAMETER_STRING: 'string',
-               _T.PARAMETER_INTEGER_ARRAY: 'integer list',
-               _T.PARAMETER_STRING_ARRAY: 'string list'}
+def prediction_record(pred: Prediction, header: Any, source: str, latency_ms: float
+                      ) -> Dict[str, Any]:
+    """The JSON object published on ``~/predictions`` for one classified frame."""
+    return {
+        'stamp': {'sec': int(header.stamp.sec), 'nanosec': int(header.stamp.nanosec)},
+        'frame_id': header.frame_id, 'source': source, 'label': pred.label,
+        'score': float(pred.score), 'known': bool(pred.known),
+        'novelty': float(pred.novelty), 'task_id': int(pred.task_id),
+        'topk': [{'label': label, 'score': float(score)} for label, score in pred.topk],
+        'latency_ms': latency_ms, 'model_version': int(pred.model_version),
+    }
 
 
-class ConfigError(ValueError):
-    """An invalid parameter or an unusable checkpoint_dir at start (exit code 2)."""
+def _error_reply(exc: BaseException) -> str:
+    return f'{type(exc).__name__}: {exc}'
 
 
-def check_parameters(values: Dict[str, Any]) -> LearnerConfig:
-    """Validate a full set of parameter values; returns the learner configuration.
-
-    Raises:
-        ValueError: naming the first invalid parameter.
-    """
-    topics = values['image_topics']
-    if not topics:
-        raise ValueError('image_topics must name at least one camera topic')
-    if any(not isinstance(t, str) or not t.strip() or ' ' in t for t in topics):
-        raise ValueError(f'image_topics holds an invalid topic name: {topics}')
-    if len(set(topics)) != len(topics):
-        raise ValueError(f'image_topics lists a topic twice: {topics}')
-    if values['image_qos'] not in QOS_CHOICES:
-        raise ValueError(f"image_qos must be one of {QOS_CHOICES}, not {values['image_qos']!r}")
-    for name in ('teach_rate_hz', 'teach_timeout_s', 'diagnostics_period_s'):
-        if not (math.isfinite(values[name]) and values[name] > 0):
-            raise ValueError(f'{name} must be a positive number, not {values[name]}')
-    if values['min_samples_per_class'] > values['max_samples_per_class']:
-        raise ValueError(f"min_samples_per_class ({values['min_samples_per_class']}) must not "
-                         f"exceed max_samples_per_class ({values['max_samples_per_class']})")
-    if values['max_image_pixels'] < 1:
-        raise ValueError('max_image_pixels must be >= 1')
-    config = LearnerConfig(**{name: values[name] for name in LEARNER_PARAMS})
-    config.validate()
-    if config.image_size and config.image_size < 16:
-        raise ValueError('image_size must be 0 or 16..1024')
-    return config
+def _guarded_service(name: str) -> Callable:
+    """Wrap a Trigger callback: any exception becomes ``success=false`` with the error, never
+    an exception in the executor (which would stop spinning for every callback)."""
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def callback(self: 'CBPNetNode', request: Any, response: Any) -> Any:
+            try:
+                return method(self, request, response)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                self.get_logger().error(f'{name} failed: {_error_reply(exc)}')
+                response.success = False
+                response.message = json.dumps({'error': f'{name} failed: {_error_reply(exc)}'})
+                return response
+        return callback
+    return wrap
 
 
-def declare_parameters(node: Node) -> Dict[str, Any]:
-    """Declare every parameter of :data:`PARAMETERS` on ``node`` (descriptions, ranges,
-    read-only flags) and return their values (overrides applied).
-
-    Raises:
-        ConfigError: an override of the wrong type or out of range.
-    """
-    values: Dict[str, Any] = {}
-    for name, spec in PARAMETERS.items():
-        descriptor = ParameterDescriptor(
-            name=name, type=spec.type, description=spec.description,
-            read_only=spec.read_only, additional_constraints=spec.constraints)
-        if spec.low is not None:
-            if spec.type == _T.PARAMETER_INTEGER:
-                descriptor.integer_range = [IntegerRange(
-                    from_value=int(spec.low), to_value=int(spec.high), step=1)]
-            else:
-                descriptor.floating_point_range = [FloatingPointRange(
-                    from_value=float(spec.low), to_value=float(spec.high), step=0.0)]
-        default = DEFAULTS[name]
-        try:
-            if spec.type in _ARRAY_TYPES and not default:
-                # An empty list has no element type for rclpy to infer; YAML `[]` also
-                # arrives as "not set", which reads back as the empty default.
-                node.declare_parameter(name, _ARRAY_TYPES[spec.type], descriptor)
-            else:
-                node.declare_parameter(name, default, descriptor)
-            value = node.get_parameter(name).value
-        except ParameterUninitializedException:
-            value = None
-        except InvalidParameterTypeException as exc:
-            raise ConfigError(f'invalid parameter {name}: it must be a '
-                              f'{_TYPE_NAMES[spec.type]} ({exc})') from exc
-        except (ParameterException, TypeError, ValueError) as exc:
-            raise ConfigError(f'invalid parameter {name}: {exc}') from exc
-        if value is None:
-            # Not set: declared without a default, or YAML `[]` / `null` (rcl has no type for
-            # an empty list). For lists that means empty; anything else needs a value.
-            if spec.type not in _ARRAY_TYPES:
-                raise ConfigError(f'parameter {name} has no value (null in the YAML?)')
-            value = []
-        values[name] = _plain(value)
-    return values
-
-
-def _plain(value: Any) -> Any:
-    """rclpy array values (array.array) as plain lists."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == 'array':
-        return list(value)
-    return value
-
-
-# ------------------------------------------------------------------------------ statistics
-class _Stats:
-    """Counters for diagnostics, updated from several threads."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.received = 0
-        self.dropped = 0
-        self.classified = 0
-        self.rejected: collections.Counter = collections.Counter()
-        self.rejected_by_input: collections.Counter = collections.Counter()
-        self.latencies_ms: Deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
-        self.prompt_selected: collections.Counter = collections.Counter()
-        self.debug_images = 0
-        self.labelled_accepted = 0
-        self.teach_samples = 0
-        # for rates: (time, received, classified) at the previous report
-        self.last_report = (time.monotonic(), 0, 0)
+def _guarded_callback(name: str) -> Callable:
+    """Wrap a subscription callback: exceptions are logged (throttled), never raised."""
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def callback(self: 'CBPNetNode', *args: Any) -> None:
+            try:
+                method(self, *args)
+            except Exception as exc:  # noqa: BLE001 - keep the executor spinning
+                self.get_logger().error(f'{name} failed: {_error_reply(exc)}',
+                                        throttle_duration_sec=5.0)
+        return callback
+    return wrap
 
 
 @dataclass
@@ -344,7 +145,6 @@ class _Frame:
     rgb: Optional[np.ndarray] = None
 
 
-# ------------------------------------------------------------------------------ the node
 class CBPNetNode(Node):
     """Learns new image classes from labelled images on the robot and classifies camera frames."""
 
@@ -357,9 +157,10 @@ class CBPNetNode(Node):
                 ``checkpoint_dir`` (the node is destroyed before raising).
         """
         super().__init__(node_name, **kwargs)
-        self._stop = threading.Event()
-        self._cancel = threading.Event()
-        self._worker: Optional[threading.Thread] = None
+        self._worker: Optional[InferenceWorker] = None
+        self._model: Optional[ModelManager] = None
+        # From the start, so what the learner logs while loading checkpoints reaches /rosout.
+        self._log_handler: Optional[Any] = forward_package_logs(self.get_logger())
         try:
             self._setup()
         except BaseException:
@@ -375,6 +176,45 @@ class CBPNetNode(Node):
             raise ConfigError(f'invalid parameter: {exc}') from exc
         directory = self._values['checkpoint_dir'].strip()
         self._checkpoint_dir = os.path.abspath(os.path.expanduser(directory)) if directory else ''
+        loaded = self._create_learner(config)
+        self.buffer = SampleBuffer(self._values['max_samples_per_class'],
+                                   self._values['max_buffer_samples'],
+                                   image_size=self.learner.config.image_size)
+        self._stats = NodeStats()
+        self._teach = TeachSession()
+        self._writing_labels = threading.local()
+        self._model = ModelManager(self.learner, self.buffer, self._checkpoint_dir,
+                                   self.get_logger(), on_change=self._publish_model,
+                                   on_progress=self._publish_progress)
+        self._worker = InferenceWorker(self._process, self._stats, self.get_logger(),
+                                       is_stopping=lambda: not self.context.ok())
+        self._vision, why = load_vision_msgs()
+        if self._vision is None and self._values['publish_vision_msgs']:
+            self.get_logger().info(f'{why}: ~/classification and ~/vision_info are not '
+                                   'published (the JSON topics are)')
+        c = self.learner.config
+        name = self.get_fully_qualified_name()
+        self._diag = StatusBuilder(status_prefix(name), f'{name}@{socket.gethostname()} '
+                                   f'({c.backbone} on {self.learner.device})')
+        declare_class_labels(self)
+        self._create_interfaces()
+        if hasattr(self, 'add_post_set_parameters_callback'):
+            self.add_on_set_parameters_callback(self._validate_parameter_change)
+            self.add_post_set_parameters_callback(self._apply_parameter_change)
+        else:  # Humble: no post-set callbacks, so validate and apply in one place
+            self.add_on_set_parameters_callback(self._validate_and_apply)
+        self._publish_model()
+        self._worker.start()
+        self.get_logger().info(
+            f'ready: backbone {c.backbone} on {self.learner.device} at {c.image_size} px, '
+            f'cameras {self._camera_topics}, '
+            + (f'loaded {loaded} ({self.learner.num_tasks} tasks, classes '
+               f'{self.learner.classes})' if loaded else 'no task learned yet')
+            + (f', checkpoints in {self._checkpoint_dir}' if self._checkpoint_dir
+               else ', persistence off (checkpoint_dir empty)'))
+
+    def _create_learner(self, config: LearnerConfig) -> Optional[str]:
+        """Create the learner and load the newest checkpoint; returns its path or None."""
         if self._checkpoint_dir:
             # Refuse before the (possibly slow) backbone load; never overwrite such a dir.
             try:
@@ -391,72 +231,20 @@ class CBPNetNode(Node):
                 loaded = self.learner.load_latest_checkpoint(self._checkpoint_dir)
             except ckpt.IncompatibleCheckpointError as exc:
                 raise ConfigError(self._incompatible_message(exc)) from exc
-        self._check_architecture(config)
-
-        self.buffer = SampleBuffer(self._values['max_samples_per_class'],
-                                   self._values['max_buffer_samples'],
-                                   image_size=self.learner.config.image_size)
-        self._stats = _Stats()
-        self._predict_lock = threading.Lock()
-        self._save_lock = threading.Lock()
-        # Every learn_task trains on this one long-lived thread (see _on_learn_task).
-        self._learn_gate = threading.Lock()
-        self._learn_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix='cbpnet-learn')
-        self._frames_cond = threading.Condition()
-        self._pending: Dict[str, _Frame] = {}
-        self._teach_lock = threading.Lock()
-        self._teach_label: Optional[str] = None
-        self._teach_deadline = 0.0
-        self._teach_last = -math.inf
-        self._last_task: Optional[Dict[str, Any]] = None
-        self._last_error = ''
-        self._progress: Optional[Progress] = None
-        self._hardware_id = f'{self.learner.config.backbone}@{self.learner.device}'
-
-        self._create_interfaces()
-        if hasattr(self, 'add_post_set_parameters_callback'):
-            self.add_on_set_parameters_callback(self._validate_parameter_change)
-            self.add_post_set_parameters_callback(self._apply_parameter_change)
-        else:  # Humble: no post-set callbacks, so validate and apply in one place
-            self.add_on_set_parameters_callback(self._validate_and_apply)
-
-        self._publish_labels()
-        self._worker = threading.Thread(target=self._inference_loop, name='cbpnet-inference',
-                                        daemon=True)
-        self._worker.start()
-        c = self.learner.config
-        self.get_logger().info(
-            f'ready: backbone {c.backbone} on {self.learner.device} at {c.image_size} px, '
-            f'cameras {self._camera_topics}, '
-            + (f'loaded {loaded} ({self.learner.num_tasks} tasks, classes '
-               f'{self.learner.classes})' if loaded else 'no task learned yet')
-            + (f', checkpoints in {self._checkpoint_dir}' if self._checkpoint_dir
-               else ', persistence off (checkpoint_dir empty)'))
+        for name in ARCH_FIELDS:
+            want, have = getattr(config, name), getattr(self.learner.config, name)
+            if want and want != have:  # empty/0 = family or backbone default
+                self.get_logger().warning(
+                    f'{name} is {have} (from the loaded checkpoint), not the configured {want}')
+        return loaded
 
     def _incompatible_message(self, exc: Exception) -> str:
         return (f'checkpoint_dir {self._checkpoint_dir!r} holds a checkpoint this node cannot '
                 f'use: {exc}. Refusing to start; the checkpoint is left untouched.')
 
-    def _check_architecture(self, requested: LearnerConfig) -> None:
-        actual = self.learner.config
-        for name in ARCH_FIELDS:
-            want, have = getattr(requested, name), getattr(actual, name)
-            if name in ('g_prompt_layers', 'e_prompt_layers') and not want:
-                continue  # family default, resolved by the learner
-            if name == 'image_size' and not want:
-                continue
-            if want != have:
-                self.get_logger().warning(
-                    f'{name} is {have} (from the loaded checkpoint), not the configured {want}')
-
     def _create_interfaces(self) -> None:
+        """Every subscription, service, publisher and timer of the node."""
         camera_group = MutuallyExclusiveCallbackGroup()
-        labelled_group = MutuallyExclusiveCallbackGroup()
-        learn_group = ReentrantCallbackGroup()
-        service_group = MutuallyExclusiveCallbackGroup()
-        self._diagnostics_group = MutuallyExclusiveCallbackGroup()
-
         if self._values['image_qos'] == 'reliable':
             camera_qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE,
                                     history=HistoryPolicy.KEEP_LAST)
@@ -464,46 +252,56 @@ class CBPNetNode(Node):
             camera_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
                                     history=HistoryPolicy.KEEP_LAST,
                                     durability=DurabilityPolicy.VOLATILE)
-        self._camera_subs = []
         self._camera_topics: List[str] = []
-        for index, topic in enumerate(self._values['image_topics']):
-            compressed = topic.rstrip('/').endswith('/compressed')
+        for topic in self._values['image_topics']:
+            # The type follows the name after remapping: image:=/cam/image_raw/compressed.
+            compressed = self.resolve_topic_name(topic).rstrip('/').endswith('/compressed')
             sub = self.create_subscription(
-                CompressedImage if compressed else Image, topic, self._camera_callback(
-                    index, compressed), camera_qos, callback_group=camera_group)
-            self._camera_subs.append(sub)
+                CompressedImage if compressed else Image, topic,
+                self._camera_callback(len(self._camera_topics), compressed), camera_qos,
+                callback_group=camera_group)
             self._camera_topics.append(sub.topic_name)  # resolved: namespace, remapping
-        # Training samples must not be lost: reliable, and deep enough for a burst of a few
-        # hundred images published back to back.
-        labelled_qos = QoSProfile(depth=256, reliability=ReliabilityPolicy.RELIABLE,
-                                  history=HistoryPolicy.KEEP_LAST)
-        self._labelled_subs = [
-            self.create_subscription(Image, '~/labelled_images',
-                                     lambda m: self._on_labelled(m, False), labelled_qos,
-                                     callback_group=labelled_group),
-            self.create_subscription(CompressedImage, '~/labelled_images/compressed',
-                                     lambda m: self._on_labelled(m, True), labelled_qos,
-                                     callback_group=labelled_group),
-        ]
-        self._teach_sub = self.create_subscription(
+        labelled_group = MutuallyExclusiveCallbackGroup()
+        self._labelled_topics = [
+            self.create_subscription(
+                msg_type, topic, lambda m, c=compressed: self._on_labelled(m, c), LOSSLESS_QOS,
+                callback_group=labelled_group).topic_name
+            for msg_type, topic, compressed in (
+                (Image, '~/labelled_images', False),
+                (CompressedImage, '~/labelled_images/compressed', True))]
+        self._teach_topic = self.create_subscription(
             String, '~/teach', self._on_teach, QoSProfile(
                 depth=10, reliability=ReliabilityPolicy.RELIABLE),
-            callback_group=camera_group)
+            callback_group=camera_group).topic_name
+        self.create_subscription(String, '~/forget', self._on_forget, LOSSLESS_QOS,
+                                 callback_group=MutuallyExclusiveCallbackGroup())
 
-        self._learn_srv = self.create_service(Trigger, '~/learn_task', self._on_learn_task,
-                                              callback_group=learn_group)
-        self._clear_srv = self.create_service(Trigger, '~/clear_buffer', self._on_clear_buffer,
-                                              callback_group=service_group)
-        self._save_srv = self.create_service(Trigger, '~/save', self._on_save,
-                                             callback_group=service_group)
+        # learn_task: reentrant, so a second call is answered (refused) at once; cancel: a
+        # group of its own, so it is answered while learn_task waits.
+        self.create_service(Trigger, '~/learn_task', self._on_learn_task,
+                            callback_group=ReentrantCallbackGroup())
+        self.create_service(Trigger, '~/cancel_learning', self._on_cancel_learning,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        service_group = MutuallyExclusiveCallbackGroup()
+        for name, callback in (('~/undo_last_task', self._on_undo_last_task),
+                               ('~/clear_buffer', self._on_clear_buffer),
+                               ('~/save', self._on_save)):
+            self.create_service(Trigger, name, callback, callback_group=service_group)
 
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self._predictions_pub = self.create_publisher(String, '~/predictions', 10)
         self._progress_pub = self.create_publisher(String, '~/learning_progress', 100)
-        self._labels_pub = self.create_publisher(String, '~/labels', QoSProfile(
-            depth=1, reliability=ReliabilityPolicy.RELIABLE,
-            durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self._labels_pub = self.create_publisher(String, '~/labels', latched)
         self._debug_pub = self.create_publisher(Image, '~/debug_image', 1)
+        self._classification_pub = self._vision_info_pub = None
+        if self._vision is not None:
+            self._classification_pub = self.create_publisher(
+                self._vision.Classification, '~/classification', 10)
+            self._vision_info_pub = self.create_publisher(
+                self._vision.VisionInfo, '~/vision_info', latched)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._diagnostics_group = MutuallyExclusiveCallbackGroup()
         self._diagnostics_timer = self.create_timer(
             self._values['diagnostics_period_s'], self._publish_diagnostics,
             callback_group=self._diagnostics_group)
@@ -513,11 +311,15 @@ class CBPNetNode(Node):
         values = dict(self._values)
         for param in params:
             if param.name in PARAMETERS and param.value is not None:
-                values[param.name] = _plain(param.value)
+                values[param.name] = plain_value(param.value)
         return values
 
     def _validate_parameter_change(self, params: List[Parameter]) -> SetParametersResult:
         for param in params:
+            if param.name == CLASS_LABELS_PARAMETER and not getattr(
+                    self._writing_labels, 'active', False):
+                return SetParametersResult(
+                    successful=False, reason=f'{param.name} is written by the node only')
             spec = PARAMETERS.get(param.name)
             if spec is not None and spec.read_only:
                 return SetParametersResult(
@@ -533,10 +335,9 @@ class CBPNetNode(Node):
         self._values = new = self._candidate(params)
         changed = {name for name in new if new[name] != old[name]}
         learner_changes = {name: new[name] for name in changed if name in LEARNER_PARAMS}
-        if learner_changes:
-            # The learner reads its config once per task, so this applies to the next task.
-            self.learner.config = self.learner.config.replace(**learner_changes)
-            self._sync_state_with_config()
+        if learner_changes and not self._model.reconfigure(learner_changes):
+            self.get_logger().info(f'{sorted(learner_changes)} apply when the current task '
+                                   'is learned')
         if changed & {'max_samples_per_class', 'max_buffer_samples'}:
             dropped = self.buffer.set_limits(new['max_samples_per_class'],
                                              new['max_buffer_samples'])
@@ -547,49 +348,23 @@ class CBPNetNode(Node):
             self._diagnostics_timer = self.create_timer(
                 new['diagnostics_period_s'], self._publish_diagnostics,
                 callback_group=self._diagnostics_group)
+        if changed & {'publish_vision_msgs', 'prompt_selection', 'prediction', 'cbp_enabled'}:
+            self._publish_vision_info()
         if changed:
             self.get_logger().info('parameters changed: ' + ', '.join(
                 f'{name}={new[name]}' for name in sorted(changed)))
 
     def _validate_and_apply(self, params: List[Parameter]) -> SetParametersResult:
         result = self._validate_parameter_change(params)
-        if result.successful:
+        if result.successful and any(p.name in PARAMETERS for p in params):
             self._apply_parameter_change(params)
         return result
-
-    def _sync_state_with_config(self) -> None:
-        """Push CBP and prediction settings into the live model.
-
-        The CBP hyper-parameters are plain attributes of the block (not checkpointed), so
-        the model the next task is trained from must carry the current values; the
-        prediction modes act at once. Under the predict lock so a frame never sees a
-        half-built LDA cache.
-        """
-        config, state = self.learner.config, self.learner.state
-        with self._predict_lock:
-            cbp = state.cbp
-            cbp.enabled = bool(config.cbp_enabled)
-            cbp.replacement_rate = float(config.cbp_replacement_rate)
-            cbp.maturity_threshold = int(config.cbp_maturity_threshold)
-            cbp.decay_rate = float(config.cbp_decay_rate)
-            state.prompt_selection = config.prompt_selection
-            state.prediction = config.prediction
-            if state.lda_shrinkage != float(config.lda_shrinkage):
-                state.lda_shrinkage = float(config.lda_shrinkage)
-                state.invalidate_cache()
 
     # ----------------------------------------------------------------- input
     def _camera_callback(self, index: int, compressed: bool) -> Callable[[Any], None]:
         def callback(msg: Any) -> None:
             topic = self._camera_topics[index]
-            frame = _Frame(topic, msg, compressed, time.monotonic())
-            with self._frames_cond:
-                with self._stats.lock:
-                    self._stats.received += 1
-                    if topic in self._pending:  # the worker never saw the older frame
-                        self._stats.dropped += 1
-                self._pending[topic] = frame
-                self._frames_cond.notify()
+            self._worker.submit(topic, _Frame(topic, msg, compressed, time.monotonic()))
         return callback
 
     def _decode(self, msg: Any, compressed: bool, source: str, kind: str
@@ -602,7 +377,7 @@ class CBPNetNode(Node):
         except ImageRejected as exc:
             self._reject(exc.reason, source, kind, str(exc))
         except Exception as exc:  # noqa: BLE001 - no malformed message may kill the node
-            self._reject('bad_format', source, kind, f'{type(exc).__name__}: {exc}')
+            self._reject('bad_format', source, kind, _error_reply(exc))
         return None
 
     def _reject(self, reason: str, source: str, kind: str, detail: str) -> None:
@@ -612,8 +387,11 @@ class CBPNetNode(Node):
         self.get_logger().warning(f'dropped a bad message on {source}: {detail}',
                                   throttle_duration_sec=5.0)
 
+    @_guarded_callback('~/labelled_images')
     def _on_labelled(self, msg: Any, compressed: bool) -> None:
-        source = self._labelled_subs[1 if compressed else 0].topic_name
+        with self._stats.lock:
+            self._stats.labelled_received += 1
+        source = self._labelled_topics[1 if compressed else 0]
         try:
             label = validate_label(msg.header.frame_id)
         except ValueError as exc:
@@ -630,66 +408,45 @@ class CBPNetNode(Node):
                 f'sample buffer full: dropped {dropped} oldest sample(s) (limits '
                 f'max_samples_per_class / max_buffer_samples)', throttle_duration_sec=5.0)
 
+    @_guarded_callback('~/teach')
     def _on_teach(self, msg: String) -> None:
         text = msg.data if isinstance(msg.data, str) else ''
         if not text.strip():
-            with self._teach_lock:
-                was, self._teach_label = self._teach_label, None
+            was = self._teach.stop()
             if was is not None:
                 self.get_logger().info(f'stopped teaching {was!r}')
             return
         try:
             label = validate_label(text)
         except ValueError as exc:
-            self._reject(BAD_LABEL, self._teach_sub.topic_name, 'teach', f'label refused: {exc}')
+            self._reject(BAD_LABEL, self._teach_topic, 'teach', f'label refused: {exc}')
             return
         timeout_s = self._values['teach_timeout_s']
-        with self._teach_lock:
-            self._teach_label = label
-            self._teach_deadline = time.monotonic() + timeout_s
-            self._teach_last = -math.inf
+        self._teach.start(label, timeout_s, time.monotonic())
         self.get_logger().info(
             f'teaching {label!r}: camera frames go to the buffer at '
             f"{self._values['teach_rate_hz']} Hz for up to {timeout_s} s (empty string stops)")
 
     def _teaching(self, now: float) -> Optional[str]:
-        """The current teach label, ending teaching when its timeout has passed."""
-        with self._teach_lock:
-            if self._teach_label is not None and now > self._teach_deadline:
-                label, self._teach_label = self._teach_label, None
-                self.get_logger().info(f'stopped teaching {label!r}: teach_timeout_s reached')
-            return self._teach_label
+        label, expired = self._teach.current(now)
+        if expired is not None:
+            self.get_logger().info(f'stopped teaching {expired!r}: teach_timeout_s reached')
+        return label
 
-    def _maybe_teach(self, rgb: np.ndarray, now: float) -> None:
-        if self._teaching(now) is None:
-            return
-        with self._teach_lock:
-            label = self._teach_label
-            if label is None or now - self._teach_last < 1.0 / self._values['teach_rate_hz']:
-                return
-            self._teach_last = now
-        self.buffer.add(rgb, label)
-        with self._stats.lock:
-            self._stats.teach_samples += 1
+    @_guarded_callback('~/forget')
+    def _on_forget(self, msg: String) -> None:
+        try:
+            ok, reply = self._model.forget(validate_label(msg.data))
+        except ValueError as exc:
+            ok, reply = False, {'error': f'label refused: {exc}'}
+        if not ok:
+            with self._stats.lock:
+                self._stats.forget_refused += 1
+            self.get_logger().warning(f"~/forget: {reply['error']}")
 
     # ----------------------------------------------------------------- inference
-    def _inference_loop(self) -> None:
-        while not self._stop.is_set():
-            with self._frames_cond:
-                if not self._pending:
-                    self._frames_cond.wait(timeout=0.5)
-                pending, self._pending = self._pending, {}
-            if not pending or self._stop.is_set():
-                continue
-            try:
-                self._process(list(pending.values()))
-            except Exception as exc:  # noqa: BLE001 - the worker must outlive any bad frame
-                if self._stop.is_set() or not self.context.ok():
-                    return
-                self.get_logger().error(f'inference failed: {type(exc).__name__}: {exc}',
-                                        throttle_duration_sec=5.0)
-
     def _process(self, frames: List[_Frame]) -> None:
+        """Decode, teach, classify one batch and publish (on the inference thread)."""
         now = time.monotonic()
         ready = []
         for frame in frames:
@@ -697,30 +454,36 @@ class CBPNetNode(Node):
             if frame.rgb is not None:
                 self._maybe_teach(frame.rgb, now)
                 ready.append(frame)
-        if not ready or self.learner.num_tasks == 0:
+        if not ready or not self.learner.classes:
             return
-        version = self.learner.model_version
-        with self._predict_lock:
-            predictions = self.learner.predict([f.rgb for f in ready],
-                                               top_k=self._values['top_k'])
+        predictions = self.learner.predict([f.rgb for f in ready], top_k=self._values['top_k'])
         want_debug = self._debug_pub.get_subscription_count() > 0
+        vision = self._classification_pub if self._values['publish_vision_msgs'] else None
         for frame, pred in zip(ready, predictions):
-            header = frame.msg.header
             latency_ms = (time.monotonic() - frame.received) * 1000.0
-            out = {
-                'stamp': {'sec': int(header.stamp.sec), 'nanosec': int(header.stamp.nanosec)},
-                'frame_id': header.frame_id, 'source': frame.topic, 'label': pred.label,
-                'score': float(pred.score), 'task_id': int(pred.task_id),
-                'topk': [{'label': label, 'score': float(score)} for label, score in pred.topk],
-                'latency_ms': latency_ms, 'model_version': version,
-            }
-            self._predictions_pub.publish(String(data=json.dumps(out)))
+            record = prediction_record(pred, frame.msg.header, frame.topic, latency_ms)
+            self._predictions_pub.publish(String(data=json.dumps(record)))
+            if vision is not None:
+                vision.publish(classification_message(
+                    frame.msg.header, hypotheses(pred.label, pred.score, pred.known, pred.topk),
+                    self._vision))
             with self._stats.lock:
                 self._stats.classified += 1
                 self._stats.latencies_ms.append(latency_ms)
                 self._stats.prompt_selected[int(pred.task_id)] += 1
+                self._stats.unknown_frames += not pred.known
+                self._stats.classifications += vision is not None
             if want_debug:
                 self._publish_debug(frame, pred.label, pred.score)
+
+    def _maybe_teach(self, rgb: np.ndarray, now: float) -> None:
+        if self._teaching(now) is None:
+            return
+        label = self._teach.take_sample(now, self._values['teach_rate_hz'])
+        if label is not None:
+            self.buffer.add(rgb, label)
+            with self._stats.lock:
+                self._stats.teach_samples += 1
 
     def _publish_debug(self, frame: _Frame, label: str, score: float) -> None:
         bgr = draw_label(frame.rgb, label, score)
@@ -735,250 +498,122 @@ class CBPNetNode(Node):
             self._stats.debug_images += 1
 
     # ----------------------------------------------------------------- services
+    @_guarded_service('learn_task')
     def _on_learn_task(self, request: Trigger.Request, response: Trigger.Response
                        ) -> Trigger.Response:
-        # Reliability fix: train on one dedicated thread, not on whichever executor thread
-        # took the call. glibc gives each thread its own malloc arena and keeps an arena's
-        # peak, so learning on the executor's threads in turn grew the node's RSS by tens of
-        # MB per task until every thread had hosted one (found with scripts/soak.py). The
-        # gate refuses a concurrent call at once instead of queueing it behind the first.
-        if not self._learn_gate.acquire(blocking=False):
-            ok, reply = False, {'error': 'a task is already being learned; call again when '
-                                         'it is done'}
-        else:
-            try:
-                ok, reply = self._learn_pool.submit(self._learn_task).result()
-            except RuntimeError:  # the pool is shut down: the node is stopping
-                ok, reply = False, {'error': 'the node is shutting down'}
-            finally:
-                self._learn_gate.release()
-                _release_memory()
-        response.success = ok
-        response.message = json.dumps(reply)
-        return response
-
-    def _learn_task(self) -> Tuple[bool, Dict[str, Any]]:
-        if self.learner.is_learning:
-            return False, {'error': 'a task is already being learned; call again when it is '
-                                    'done'}
-        snapshot = self.buffer.snapshot()
-        if not len(snapshot):
-            return False, {'error': 'the sample buffer is empty: publish labelled images on '
-                                    '~/labelled_images or teach with ~/teach first'}
-        counts = snapshot.counts()
-        need = self._values['min_samples_per_class']
-        few = {label: n for label, n in sorted(counts.items()) if n < need}
-        if few:
-            return False, {'error': f'too few samples for classes {few}: each class needs at '
-                                    f'least min_samples_per_class={need}', 'buffer': counts}
-        self._sync_state_with_config()
-        self.get_logger().info(f'learning a task of {len(snapshot)} samples: {counts}')
         try:
-            result = self.learner.learn_task(list(snapshot.images), list(snapshot.labels),
-                                             progress=self._publish_progress,
-                                             cancel=self._cancel)
-        except LearnerBusyError as exc:
-            return False, {'error': str(exc)}
-        except LearningError as exc:
-            self._last_error = str(exc)
-            if not self._cancel.is_set():
-                self.get_logger().error(f'learn_task failed: {exc}')
-            return False, {'error': str(exc)}
-        except Exception as exc:  # noqa: BLE001 - keep the node (and the old model) alive
-            self._last_error = f'{type(exc).__name__}: {exc}'
-            self.get_logger().error(f'learn_task failed unexpectedly: {self._last_error}')
-            return False, {'error': f'learning failed unexpectedly: {self._last_error}'}
+            ok, reply = self._model.learn(self._values['min_samples_per_class'])
         finally:
-            self._progress = None
-        # Samples that arrived during learning stay for the next task.
-        self.buffer.remove(snapshot.ids)
-        self._sync_state_with_config()
-        reply = result.as_dict()
-        reply['checkpoint'] = None
-        if self._checkpoint_dir:
-            reply['checkpoint'], error = self._save_checkpoint()
-            if error:
-                reply['checkpoint_error'] = error
-        self._last_task = reply
-        self._last_error = ''
-        self._publish_labels()
-        self.get_logger().info(
-            f"learned task {result.task_id} {result.classes}: train accuracy "
-            f"{result.train_accuracy:.3f} in {result.duration_s:.1f} s, "
-            f"{result.replaced_units} CBP replacements, checkpoint {reply['checkpoint']}")
-        return True, reply
+            _release_memory()  # the training peak (see ModelManager)
+        return _answer(response, ok, reply)
 
+    @_guarded_service('cancel_learning')
+    def _on_cancel_learning(self, request: Trigger.Request, response: Trigger.Response
+                            ) -> Trigger.Response:
+        return _answer(response, *self._model.cancel())
+
+    @_guarded_service('undo_last_task')
+    def _on_undo_last_task(self, request: Trigger.Request, response: Trigger.Response
+                           ) -> Trigger.Response:
+        return _answer(response, *self._model.undo())
+
+    @_guarded_service('clear_buffer')
     def _on_clear_buffer(self, request: Trigger.Request, response: Trigger.Response
                          ) -> Trigger.Response:
         cleared = self.buffer.clear()
         self.get_logger().info(f'cleared {cleared} buffered samples')
-        response.success = True
-        response.message = json.dumps({'cleared': cleared})
-        return response
+        return _answer(response, True, {'cleared': cleared})
 
+    @_guarded_service('save')
     def _on_save(self, request: Trigger.Request, response: Trigger.Response
                  ) -> Trigger.Response:
-        response.success = False
-        if not self._checkpoint_dir:
-            reply: Dict[str, Any] = {'error': 'persistence is off (checkpoint_dir is empty)'}
-        elif self.learner.num_tasks == 0:
-            reply = {'error': 'nothing to save: no task has been learned yet'}
-        else:
-            path, error = self._save_checkpoint()
-            _release_memory()  # the serialised copy of the model (see _on_learn_task)
-            if error:
-                reply = {'error': error}
-            else:
-                response.success = True
-                reply = {'checkpoint': path, 'model_version': self.learner.model_version}
-        response.message = json.dumps(reply)
-        return response
-
-    def _save_checkpoint(self) -> Tuple[Optional[str], str]:
-        """``(path, '')`` or ``(None, error)``; one writer at a time (same temp file name)."""
-        with self._save_lock:
-            try:
-                return self.learner.save_checkpoint(self._checkpoint_dir), ''
-            except (ckpt.CheckpointError, OSError) as exc:
-                self.get_logger().error(f'could not save a checkpoint: {exc}')
-                return None, str(exc)
+        try:
+            return _answer(response, *self._model.save())
+        finally:
+            _release_memory()  # the serialised copy of the model
 
     # ----------------------------------------------------------------- outputs
-    def _publish_progress(self, progress: Progress) -> None:
-        self._progress = progress
-        if not self.context.ok():  # shutting down (SIGINT): stop training, keep the old model
-            self._cancel.set()
+    def _publish_model(self) -> None:
+        """Publish what describes the current model: ``~/labels``, the ``class_labels``
+        parameter and ``~/vision_info`` (at start and after every change)."""
+        labels = {'model_version': self.learner.model_version, 'tasks': self.learner.tasks,
+                  'classes': self.learner.classes}
+        self._labels_pub.publish(String(data=json.dumps(labels)))
+        self._writing_labels.active = True
+        try:
+            result = self.set_parameters([Parameter(
+                CLASS_LABELS_PARAMETER, Parameter.Type.STRING_ARRAY, labels['classes'])])[0]
+        finally:
+            self._writing_labels.active = False
+        if not result.successful:
+            self.get_logger().error(f'could not update {CLASS_LABELS_PARAMETER}: '
+                                    f'{result.reason}')
+        self._publish_vision_info()
+
+    def _publish_vision_info(self) -> None:
+        if self._vision_info_pub is None or not self._values['publish_vision_msgs']:
             return
+        c = self.learner.config
+        self._vision_info_pub.publish(vision_info_message(
+            self.get_clock().now().to_msg(),
+            method_name(c.backbone, c.prompt_selection, c.prediction, c.cbp_enabled),
+            f'{self.get_fully_qualified_name()}/{CLASS_LABELS_PARAMETER}',
+            self.learner.model_version, self._vision))
+
+    def _publish_progress(self, progress: Progress) -> None:
         try:
             self._progress_pub.publish(String(data=json.dumps(dataclasses.asdict(progress))))
         except Exception as exc:  # noqa: BLE001 - a lost progress message must not stop learning
             self.get_logger().warning(f'could not publish progress: {exc}',
                                       throttle_duration_sec=10.0)
 
-    def _publish_labels(self) -> None:
-        labels = {'model_version': self.learner.model_version, 'tasks': self.learner.tasks,
-                  'classes': self.learner.classes}
-        self._labels_pub.publish(String(data=json.dumps(labels)))
-
     def _publish_diagnostics(self) -> None:
         try:
+            now = time.monotonic()
+            learner, model = self.learner, self._model
+            facts = LearnerFacts(
+                learning=model.learning, teaching=self._teaching(now) or '',
+                last_task=model.last_task, last_change=model.last_change,
+                last_error=model.last_error, progress=model.progress,
+                max_label_length=MAX_LABEL_LENGTH,
+                extra={'pending_parameters': sorted(model.pending_settings)})
+            vision = ('published' if self._values['publish_vision_msgs'] else 'off') \
+                if self._vision is not None else 'not installed'
             array = DiagnosticArray()
             array.header.stamp = self.get_clock().now().to_msg()
-            array.status = [self._inference_status(), self._learner_status(),
-                            self._cbp_status(), self._prompts_status()]
+            array.status = [
+                self._diag.inference(
+                    self._stats, now, worker_alive=self._worker.alive,
+                    num_tasks=learner.num_tasks, topics=self._camera_topics,
+                    static={'device': str(learner.device), 'backbone': learner.config.backbone,
+                            'image_size': learner.config.image_size, 'vision_msgs': vision}),
+                self._diag.learner(learner, self.buffer, self._stats, facts),
+                self._diag.cbp(learner), self._diag.prompts(learner, self._stats)]
             self._diagnostics_pub.publish(array)
         except Exception as exc:  # noqa: BLE001 - diagnostics must never take the node down
             self.get_logger().error(f'diagnostics failed: {exc}', throttle_duration_sec=10.0)
 
-    def _status(self, name: str, level: bytes, message: str, values: Dict[str, Any]
-                ) -> DiagnosticStatus:
-        return DiagnosticStatus(
-            level=level, name=f'cbpnet: {name}', message=message,
-            hardware_id=self._hardware_id,
-            values=[KeyValue(key=k, value=v if isinstance(v, str) else json.dumps(v))
-                    for k, v in values.items()])
-
-    def _inference_status(self) -> DiagnosticStatus:
-        stats = self._stats
-        now = time.monotonic()
-        with stats.lock:
-            then, received0, classified0 = stats.last_report
-            received, classified = stats.received, stats.classified
-            stats.last_report = (now, received, classified)
-            latencies = sorted(stats.latencies_ms)
-            rejected = dict(stats.rejected)
-            by_input = dict(stats.rejected_by_input)
-            dropped, debug = stats.dropped, stats.debug_images
-        elapsed = max(now - then, 1e-6)
-        values: Dict[str, Any] = {
-            'input_rate_hz': round((received - received0) / elapsed, 3),
-            'classified_rate_hz': round((classified - classified0) / elapsed, 3),
-            'frames_received': received, 'frames_classified': classified,
-            'dropped_frames': dropped,
-            'rejected': sum(rejected.values()),
-            **{f'rejected_{reason}': rejected.get(reason, 0) for reason in REJECT_REASONS},
-            **{f'rejected_{kind}': by_input.get(kind, 0)
-               for kind in ('camera', 'labelled', 'teach')},
-            'latency_mean_ms': round(float(np.mean(latencies)), 3) if latencies else 0.0,
-            'latency_p95_ms': round(float(np.percentile(latencies, 95)), 3)
-            if latencies else 0.0,
-            'debug_images': debug,
-            'device': str(self.learner.device), 'backbone': self.learner.config.backbone,
-            'image_size': self.learner.config.image_size,
-            'topics': self._camera_topics,
-        }
-        level, message = DiagnosticStatus.OK, 'classifying'
-        if self.learner.num_tasks == 0:
-            message = 'waiting for the first learned task'
-        if sum(rejected.values()):
-            message += f'; {sum(rejected.values())} bad messages rejected since start'
-        return self._status('inference', level, message, values)
-
-    def _learner_status(self) -> DiagnosticStatus:
-        learner = self.learner
-        counts = self.buffer.counts()
-        progress = self._progress
-        state = 'learning' if learner.is_learning else 'idle'
-        teaching = self._teaching(time.monotonic())
-        values = {
-            'state': state, 'tasks': learner.num_tasks, 'classes': learner.classes,
-            'model_version': learner.model_version, 'buffer_samples': sum(counts.values()),
-            'buffer_per_class': counts, 'buffer_dropped': self.buffer.dropped,
-            'teaching': teaching or '', 'teach_samples': self._stats.teach_samples,
-            'labelled_samples': self._stats.labelled_accepted,
-            'last_task': self._last_task if self._last_task is not None else '',
-            'last_error': self._last_error,
-            'max_label_length': MAX_LABEL_LENGTH,
-        }
-        if progress is not None:
-            values['progress'] = dataclasses.asdict(progress)
-        if learner.num_tasks == 0:
-            level, message = DiagnosticStatus.WARN, 'no task learned yet'
-        else:
-            level, message = DiagnosticStatus.OK, (
-                f'{learner.num_tasks} tasks, {len(learner.classes)} classes')
-        if learner.is_learning:
-            message = f'learning; {message}'
-        if self._last_error:
-            level, message = DiagnosticStatus.WARN, f'{message}; last learn_task failed'
-        return self._status('learner', level, message, values)
-
-    def _cbp_status(self) -> DiagnosticStatus:
-        stats = self.learner.cbp_stats()
-        message = (f"dormant {stats['dormant_fraction']:.2f}, "
-                   f"{stats['replacements_total']} replacements")
-        return self._status('cbp block', DiagnosticStatus.OK, message, stats)
-
-    def _prompts_status(self) -> DiagnosticStatus:
-        with self._stats.lock:
-            selected = dict(self._stats.prompt_selected)
-        values: Dict[str, Any] = {f'task_{t}': selected.get(t, 0)
-                                  for t in range(self.learner.num_tasks)}
-        values['selections_total'] = sum(selected.values())
-        values['e_prompts'] = self.learner.num_tasks
-        message = f'{self.learner.num_tasks} E-prompts'
-        return self._status('prompts', DiagnosticStatus.OK, message, values)
-
     # ----------------------------------------------------------------- shutdown
     def stop(self) -> None:
         """Cancel learning and stop the inference thread (idempotent; before shutdown)."""
-        self._stop.set()
-        self._cancel.set()
-        pool = getattr(self, '_learn_pool', None)
-        if pool is not None:
-            pool.shutdown(wait=False)  # a running task sees _cancel and ends
-        cond = getattr(self, '_frames_cond', None)
-        if cond is not None:
-            with cond:
-                cond.notify_all()
-        worker = self._worker
-        if worker is not None and worker.is_alive() and worker is not threading.current_thread():
-            worker.join(timeout=30.0)
+        if self._model is not None:
+            self._model.stop()
+        if self._worker is not None:
+            self._worker.stop()
 
     def destroy_node(self) -> None:
         """Stop the worker, then destroy the ROS entities."""
         self.stop()
+        if self._log_handler is not None:
+            stop_forwarding(self._log_handler)
+            self._log_handler = None
         super().destroy_node()
+
+
+def _answer(response: Trigger.Response, ok: bool, reply: Dict[str, Any]) -> Trigger.Response:
+    response.success = bool(ok)
+    response.message = json.dumps(reply)
+    return response
 
 
 _LIBC: Any = None
@@ -1013,6 +648,7 @@ def _quiet_opencv() -> None:
 
 def main(args: Optional[List[str]] = None) -> int:
     """Run the node until SIGINT. Returns the exit code: 0, 2 for a configuration error."""
+    # Until the node forwards the package logger to rclpy (and after it is gone).
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] [%(name)s]: %(message)s')
     _quiet_opencv()
     rclpy.init(args=args)
@@ -1030,11 +666,12 @@ def main(args: Optional[List[str]] = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as exc:  # noqa: BLE001 - report, then exit non-zero
-        rclpy.logging.get_logger('cbpnet').fatal(f'{type(exc).__name__}: {exc}')
+        rclpy.logging.get_logger('cbpnet').fatal(_error_reply(exc))
         code = 1
     finally:
-        # Order matters (docs/environment.md): stop our threads and the executor's, then
-        # destroy the node, then shut rclpy down.
+        # Order matters (docs/environment.md): stop our threads (this cancels learning, so
+        # the executor's callbacks end at once), then the executor, then destroy the node,
+        # then shut rclpy down.
         if node is not None:
             node.stop()
         if executor is not None:

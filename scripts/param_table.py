@@ -5,7 +5,7 @@ checks that README.md lists every declared parameter.
 """
 import json
 
-from ros2_cbpnet.node import DEFAULTS, PARAMETERS
+from ros2_cbpnet.node_parameters import DEFAULTS, PARAMETERS
 
 
 def main() -> None:
