@@ -244,10 +244,12 @@ PathLike = Union[str, Path]
 def node_process(params_files: Union[PathLike, Sequence[PathLike], None] = None, *,
                  ros_args: Sequence[str] = (), executable: PathLike = NODE_EXECUTABLE,
                  log_path: Optional[PathLike] = None,
-                 env: Optional[Dict[str, str]] = None) -> Iterator[subprocess.Popen]:
+                 env: Optional[Dict[str, str]] = None,
+                 command: Optional[Sequence[str]] = None) -> Iterator[subprocess.Popen]:
     """Run the console script with ``--ros-args --params-file FILE...`` (later files win)
     and ``ros_args``; output goes to ``log_path`` (a temporary file by default;
-    ``proc.log_path`` says where). SIGINT, then SIGKILL, on exit if it is still running,
+    ``proc.log_path`` says where); ``command`` replaces the whole command line (e.g. one
+    that a launch file produced). SIGINT, then SIGKILL, on exit if it is still running,
     also when the test failed; Fast DDS files a killed node left in /dev/shm are removed."""
     if log_path is None:
         fd, log_name = tempfile.mkstemp(prefix='cbpnet_node-', suffix='.log')
@@ -261,6 +263,8 @@ def node_process(params_files: Union[PathLike, Sequence[PathLike], None] = None,
     for path in params_files:
         cmd += ['--params-file', str(path)]
     cmd += list(ros_args)
+    if command is not None:
+        cmd = [str(c) for c in command]
     with open(log_path, 'wb') as log:
         proc = TrackedProcess(cmd, env=env or ros_env(), stdout=log,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
