@@ -24,7 +24,6 @@ setup(
     maintainer_email='dev@ros2-cbpnet.invalid',
     description='On-robot continual learning of new image classes (CBPNet).',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'cbpnet_node = ros2_cbpnet.node:main',
