@@ -31,6 +31,7 @@ import zlib
 
 import numpy as np
 import pytest
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -38,7 +39,7 @@ from std_msgs.msg import String
 from ros2_cbpnet.image_codec import (SUPPORTED_ENCODINGS, ImageRejected, compressed_msg_to_rgb,
                                      image_msg_to_rgb, rgb_to_compressed_msg)
 from ros2_cbpnet.sample_buffer import validate_label
-from ros_helpers import noisy_images, node_in_process
+from ros_helpers import RELIABLE, noisy_images, node_in_process, wait_until
 
 pytestmark = [pytest.mark.ros]  # ~15 s: part of the fast set too
 
@@ -456,20 +457,50 @@ def test_fuzz_every_input_counts_every_bad_message(harness, capfd):
 
 def test_undecodable_cdr_never_reaches_the_node(harness):
     """Truncated / garbage serialised messages are dropped by the middleware (nothing to
-    count); the node keeps running and classifying."""
+    count); the node keeps running and classifying.
+
+    Raw subscriptions next to the node prove that every bad message really went over DDS, and
+    a valid sentinel sent after them on the same reliable, in-order publisher proves that
+    the node had its chance at them: once the sentinel is counted, nothing else is."""
     node, c = harness.node, harness.client
     rng = np.random.default_rng(7)
     good = c.image_msg(noisy_images(RED, 1, rng=rng)[0], frame_id='red')
     cdr = serialize_message(good)
-    before = counters(node)
-    for cut in (4, 20, len(cdr) // 2, len(cdr) - 1):
-        c.publisher(LABELLED, Image).publish(cdr[:cut])
-    c.publisher(LABELLED, Image).publish(b'\x00\x01\x00\x00' + b'\xff' * 64)
-    c.publisher(TEACH, String).publish(b'\x00\x01\x00\x00\xff\xff\xff\x7fab')
-    time.sleep(1.0)
-    after = counters(node)
-    assert after['accepted'] == before['accepted']
+    bad_labelled = [cdr[:cut] for cut in (4, 20, len(cdr) // 2, len(cdr) - 1)]
+    bad_labelled.append(b'\x00\x01\x00\x00' + b'\xff' * 64)
+    bad_teach = [b'\x00\x01\x00\x00\xff\xff\xff\x7fab']
+    raw = {LABELLED: [], TEACH: []}
+    subscriptions = [
+        c.create_subscription(msg_type, c.resolve(topic), raw[topic].append, RELIABLE,
+                              raw=True, callback_group=ReentrantCallbackGroup())
+        for topic, msg_type in ((LABELLED, Image), (TEACH, String))]
+    try:
+        for topic, msg_type in ((LABELLED, Image), (TEACH, String)):
+            assert c.wait_for_subscribers(topic, msg_type, count=2, timeout=30), topic
+        before = counters(node)
+        for data in bad_labelled:
+            c.publisher(LABELLED, Image).publish(data)
+        for data in bad_teach:
+            c.publisher(TEACH, String).publish(data)
+        # Sentinels: a good labelled image, and a teach label the node counts as bad.
+        c.publisher(LABELLED, Image).publish(good)
+        c.publisher(TEACH, String).publish(String(data='x' * 129))
+        after = wait_counts(node, {'accepted': before['accepted'] + 1,
+                                   'teach': before['teach'] + 1})
+        assert wait_until(lambda: len(raw[LABELLED]) == len(bad_labelled) + 1
+                          and len(raw[TEACH]) == len(bad_teach) + 1, 30), \
+            {k: len(v) for k, v in raw.items()}
+        assert raw[LABELLED][:-1] == bad_labelled and raw[TEACH][:-1] == bad_teach
+        time.sleep(0.5)  # nothing else arrives late
+        after = counters(node)
+        assert after['accepted'] == before['accepted'] + 1, (before, after)
+        assert after['labelled'] == before['labelled'], (before, after)
+        assert after['teach'] == before['teach'] + 1, (before, after)
+    finally:
+        for subscription in subscriptions:
+            c.destroy_subscription(subscription)
     predictions = c.collect('~/predictions')
     got = c.classify(CAM_RAW, noisy_images(BLUE, 1, rng=rng)[0], 'after_cdr', predictions)
     assert got['label'] == 'blue'
     predictions.close()
+    assert c.call_trigger('~/clear_buffer').success
