@@ -1,0 +1,204 @@
+"""Bounds on the README's measured figures, read from the README itself.
+
+Each test re-measures one figure in a short run and asserts it stays within 2x of what the
+README states, so a 2x regression fails while the noise of a shared 2-core machine passes:
+
+- checkpoint size: the first checkpoint, and the growth per further task (deterministic);
+- the load test: p95 latency receipt-to-publish and the frames lost in best-effort transport,
+  four cameras at 60 Hz plus a labelled stream and service calls, as in the README's table;
+- RSS in a short soak (``scripts/soak.py``) with a task learned every few seconds. A 75-s run
+  cannot resolve the README's 10-minute figures (+0.3 %, 0.2 MB per task): RSS moves by
+  +-20 MB between samples here. Its bound (15 MB per task, 5 %) is set by that noise and still
+  fails on the leak the README describes (one glibc arena per executor thread, 37 MB per task).
+"""
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / 'README.md').read_text()
+
+
+def _figure(pattern):
+    """The first number a README regex captures (commas removed)."""
+    match = re.search(pattern, README)
+    assert match, f'README.md no longer states {pattern!r}: update this test with it'
+    return float(match.group(1).replace(',', ''))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_size_and_growth_per_task(tmp_path):
+    from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
+    from ros_helpers import noisy_images
+
+    first_mb = _figure(r'checkpoint size \| ([\d.]+) MB with 1 task')
+    per_task_kb = _figure(r'MB with 1 task, \+([\d.]+) kB per further task')
+    # The node's default model (LearnerConfig defaults at the node's 128 px); one epoch is
+    # enough, the size does not depend on training.
+    learner = ContinualLearner(LearnerConfig(image_size=128, epochs=1, batch_size=8, seed=0))
+    rng = np.random.default_rng(0)
+    sizes = []
+    colours = [(200, 40, 40), (40, 40, 200), (40, 190, 40), (210, 200, 40), (150, 40, 180),
+               (40, 190, 190), (90, 90, 90), (250, 250, 250)]
+    for task in range(4):
+        images, labels = [], []
+        for k in range(2):
+            images += noisy_images(colours[2 * task + k], 6, rng=rng)
+            labels += [f'class{2 * task + k}'] * 6
+        learner.learn_task(images, labels)
+        path = learner.save_checkpoint(str(tmp_path / f'task{task}'))
+        sizes.append(os.path.getsize(path))
+    growth = [(b - a) / 1024 for a, b in zip(sizes, sizes[1:])]
+    print(f'\ncheckpoint sizes {sizes} bytes, growth per task {growth} kB '
+          f'(README: {first_mb} MB, +{per_task_kb} kB)')
+    assert sizes[0] <= 2 * first_mb * 1e6, sizes
+    assert all(0 < g <= 2 * per_task_kb for g in growth), growth
+
+
+# ------------------------------------------------------------------------------ load
+def _scene(width, height, seed):
+    import cv2
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)],
+                   -1).astype(np.uint8)
+    for _ in range(6):
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        cv2.circle(img, (int(rng.integers(width)), int(rng.integers(height))),
+                   int(rng.integers(10, height // 3)), colour, -1)
+    return img
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_load_p95_latency_and_transport_loss(tmp_path):
+    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+    from ros_helpers import (client_in_process, noisy_images, node_process, read_log,
+                             wait_until, write_params_file)
+
+    p95_ms = _figure(r'latency receipt-to-publish, p95 \| (\d+) ms')
+    lost_pct = _figure(r'\((\d+) % lost in best-effort transport')
+    duration = float(os.environ.get('CBPNET_CLAIMS_LOAD_S', '12'))
+    ns = f'claims{os.getpid()}'
+    cams = [f'/{ns}/cam{i}/image_raw' for i in range(2)] + \
+        [f'/{ns}/cam{i}/image_raw/compressed' for i in range(2, 4)]
+    overrides = write_params_file(tmp_path / 'load.yaml', dict(
+        image_topics=cams, epochs=2, batch_size=8, min_samples_per_class=3,
+        max_samples_per_class=20, max_buffer_samples=50, diagnostics_period_s=0.5,
+        checkpoint_dir=str(tmp_path / 'checkpoints')))
+    # The shipped configuration (128 px, sensor_data camera QoS), then the overrides.
+    with node_process([ROOT / 'config' / 'cbpnet.yaml', overrides],
+                      ros_args=['-r', f'__ns:=/{ns}'], log_path=tmp_path / 'node.log') as proc, \
+            client_in_process(f'/{ns}/cbpnet') as c:
+        assert c.call_trigger('~/clear_buffer', timeout=180).success, read_log(proc)
+        rng = np.random.default_rng(0)
+        c.publish_images('~/labelled_images', noisy_images((200, 40, 40), 6, rng=rng), 'red')
+        c.publish_images('~/labelled_images', noisy_images((40, 40, 200), 6, rng=rng), 'blue')
+        assert c.wait_for_status('cbpnet: learner',
+                                 lambda level, v: int(v['buffer_samples']) == 12, 60)
+        assert c.call_trigger('~/learn_task', timeout=300).success
+        messages = []
+        for i, topic in enumerate(cams):
+            if topic.endswith('/compressed'):
+                msgs = [rgb_to_compressed_msg(_scene(640, 480, 10 * i + k), 'jpeg')
+                        for k in range(3)]
+            else:
+                msgs = [rgb_to_image_msg(_scene(320, 240, 10 * i + k), 'rgb8')
+                        for k in range(3)]
+            messages.append((c.publisher(topic, type(msgs[0]), qos_profile_sensor_data), msgs))
+            assert c.wait_for_subscribers(topic, type(msgs[0]), timeout=60)
+        labelled = [c.image_msg(img, frame_id=f'stream_{k % 3}')
+                    for k, img in enumerate(noisy_images((40, 190, 40), 12, rng=rng))]
+        stream_pub = c.create_publisher(Image, c.resolve('~/labelled_images'), QoSProfile(
+            depth=2000, reliability=ReliabilityPolicy.RELIABLE))
+        assert wait_until(lambda: stream_pub.get_subscription_count() > 0, 60)
+        _, before = c.wait_for_status('cbpnet: inference', lambda level, v: True, 30)
+        stop, published = threading.Event(), [0]
+
+        def cameras():
+            tick, k = time.monotonic(), 0
+            while not stop.is_set():
+                for pub, msgs in messages:
+                    pub.publish(msgs[k % len(msgs)])
+                    published[0] += 1
+                k += 1
+                tick += 1 / 60.0
+                time.sleep(max(0.0, tick - time.monotonic()))
+
+        def labelled_stream():
+            k = 0
+            while not stop.is_set():
+                stream_pub.publish(labelled[k % len(labelled)])
+                k += 1
+                time.sleep(0.05)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (cameras, labelled_stream)]
+        for thread in threads:
+            thread.start()
+        try:
+            t0, call = time.monotonic(), 0
+            while time.monotonic() - t0 < duration:
+                time.sleep(2.0)
+                assert c.call_trigger(('~/clear_buffer', '~/save')[call % 2], timeout=30).success
+                call += 1
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+        time.sleep(1.0)
+        _, after = c.wait_for_status('cbpnet: inference', lambda level, v: True, 30)
+        assert proc.poll() is None, read_log(proc)
+    received = int(after['frames_received']) - int(before['frames_received'])
+    lost = 100.0 * (published[0] - received) / published[0]
+    p95 = float(after['latency_p95_ms'])
+    print(f'\nload: {published[0]} frames published, {received} received ({lost:.1f} % lost), '
+          f'p95 {p95:.0f} ms (README: {lost_pct:.0f} %, {p95_ms:.0f} ms)')
+    assert int(after['frames_classified']) > int(before['frames_classified'])
+    assert p95 <= 2 * p95_ms, f'p95 latency {p95} ms > 2 x the README figure {p95_ms} ms'
+    assert lost <= 2 * lost_pct, f'{lost:.1f} % lost > 2 x the README figure {lost_pct} %'
+
+
+# ------------------------------------------------------------------------------ soak
+@pytest.mark.ros
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_short_soak_memory_per_task(tmp_path):
+    from ros_helpers import TrackedProcess, ros_env
+
+    per_task_mb = _figure(r'\+0\.\d+ %\*\* \(peak \+[\d.]+ %, ([\d.]+) MB per task learned')
+    minutes = float(os.environ.get('CBPNET_CLAIMS_SOAK_MIN', '1.25'))
+    out = tmp_path / 'soak.json'
+    proc = TrackedProcess([sys.executable, str(ROOT / 'scripts' / 'soak.py'),
+                           '--minutes', str(minutes), '--learn-every-s', '12',
+                           '--sample-every-s', '2', '--out', str(out)],
+                          env=ros_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    try:
+        log = proc.communicate(timeout=minutes * 60 + 240)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 0, log[-4000:]
+    summary = json.loads(out.read_text())['summary']
+    print(f'\nsoak: {json.dumps(summary)} (README: {per_task_mb} MB per task over 10 min)')
+    assert not summary['died'] and summary['learn_failures'] == 0, summary
+    assert summary['tasks_after_warmup'] >= 3, summary
+    samples = [s['rss_mb'] for s in json.loads(out.read_text())['samples']]
+    assert statistics.median(samples) > 100  # really the node's RSS
+    bound_mb = max(2 * per_task_mb, 15.0)
+    assert summary['growth_mb_per_task_after_warmup'] <= bound_mb, summary
+    assert summary['growth_pct'] <= 5.0, summary
