@@ -29,8 +29,9 @@ import launch_standins as ls
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / 'launch' / 'cbpnet.launch.py'
 CONFIGS = sorted((ROOT / 'config').glob('*.yaml'))
-#: The launch arguments docs/interface.md promises (more may exist).
-LAUNCH_ARGUMENTS = {'config', 'namespace', 'image_topic', 'backbone', 'device'}
+#: The launch arguments docs/interface.md promises, and those the README documents.
+LAUNCH_ARGUMENTS = {'config', 'namespace', 'image_topic', 'backbone', 'device', 'image_qos',
+                    'log_level'}
 PACKAGE = 'ros2_cbpnet'
 
 
@@ -275,11 +276,8 @@ def test_launch_arguments_reach_the_node(monkeypatch, prefix, tmp_path):
     ('log_level', 'debug', lambda params, level: level is not None and
      level.split(':=')[-1].lower() == 'debug'),
 ])
-def test_optional_launch_arguments_reach_the_node(monkeypatch, prefix, tmp_path, argument,
-                                                  value, check):
-    declared = set(_launch(monkeypatch, prefix, tmp_path).declared)
-    if argument not in declared:
-        pytest.skip(f'the launch file has no {argument} argument (optional in the interface)')
+def test_qos_and_log_level_arguments_reach_the_node(monkeypatch, prefix, tmp_path, argument,
+                                                    value, check):
     node = _the_node(_launch(monkeypatch, prefix, tmp_path, **{argument: value}))
     params, _, level, _ = effective(node)
     assert check(params, level), node.cmd
@@ -312,10 +310,7 @@ def test_the_launched_command_line_starts_the_node_as_asked(monkeypatch, prefix,
 
     ns = f'launch{os.getpid()}'
     camera = f'/{ns}_front/image_raw/compressed'
-    arguments = dict(namespace=ns, image_topic=camera, device='cpu')
-    declared = set(_launch(monkeypatch, prefix, tmp_path).declared)
-    if 'log_level' in declared:
-        arguments['log_level'] = 'debug'
+    arguments = dict(namespace=ns, image_topic=camera, device='cpu', log_level='debug')
     node = _the_node(_launch(monkeypatch, prefix, tmp_path, **arguments))
     params, _, _, topics = effective(node)
     checkpoints = tmp_path / 'checkpoints'
@@ -334,10 +329,8 @@ def test_the_launched_command_line_starts_the_node_as_asked(monkeypatch, prefix,
         assert got['top_k'] == params['top_k']
         # The camera subscription is on the topic asked for, after rcl's remapping.
         assert topics == [camera]
-        assert wait_until(lambda: client.count_publishers(camera) + client.count_subscribers(
-            camera) >= 1, 60), read_log(proc)
-        if 'log_level' in arguments:
-            assert wait_until(lambda: '[DEBUG]' in read_log(proc, 100000), 30), read_log(proc)
+        assert wait_until(lambda: client.count_subscribers(camera) == 1, 60), read_log(proc)
+        assert wait_until(lambda: '[DEBUG]' in read_log(proc, 100000), 30), read_log(proc)
 
 
 # ------------------------------------------------------------------------------ install
