@@ -4,6 +4,7 @@ No timing assertions: the figures depend on the machine and on whatever else run
 """
 import json
 import math
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -198,13 +199,15 @@ def test_node_profile_breakdown(tmp_path):
         'wait_for_ready_callbacks (executors.py:3) 40\n'
         'thread (3): ThreadPoolExecutor-0_0;_worker (thread.py:1);handler (executors.py:2);'
         '_take_subscription (executors.py:3) 5\n'
-        'thread (4): ThreadPoolExecutor-0_1;_worker (thread.py:1);SimpleQueue.get (q:1) 15\n'
+        'thread (4): ThreadPoolExecutor-0_1;_worker (concurrent/futures/thread.py:81) 15\n'
         'garbage line\n')
-    b = node_profile.breakdown_from_raw(str(raw))
+    b = node_profile.breakdown_from_raw(str(raw), frames=50)
+    assert b['frames'] == 50
     inf = b['threads']['inference_thread']
     assert inf['seconds'] == 1.0 and inf['threads'] == 1
     assert inf['stages'] == {'model': 0.5, 'decode_raw_image': 0.3, 'resize': 0.1,
                              'waiting_for_frames': 0.1}
+    assert inf['ms_per_frame']['model'] == 10.0  # 50 samples at 100 Hz over 50 frames
     assert b['threads']['main_executor_loop']['stages'] == {'rclpy_wait_for_work': 1.0}
     workers = b['threads']['executor_workers']
     assert workers['threads'] == 2
@@ -287,3 +290,22 @@ def test_node_section(tmp_path):
     assert _positive(r['memory']['node']['vm_hwm_mb'])
     names = [t['name'] for t in r['targets']]
     assert any('four cameras (compressed)' in n for n in names)
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_dry_run(tmp_path):
+    """scripts/gpu_bench.sh runs its whole loop and merge on the CPU with --dry-run."""
+    out = tmp_path / 'gpu.json'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu_bench.sh'), '--dry-run',
+                           '--python', sys.executable, '--out', str(out)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r['dry_run'] is True and r['device'] == 'cpu'
+    assert {row['run'] for row in r['summary']} == {'lite0_32_fp32', 'vit_tiny_32_fp32'}
+    for row in r['summary']:
+        for key in ('floor_ratio_b1', 'floor_ratio_b8', 'train_ips', 'learn_task_s',
+                    'tasks_scaling_2_50', 'learn_time_ratio_50_2'):
+            assert _positive(row[key]), (row['run'], key)
+    assert r['runs']['vit_tiny_32_fp32']['settings']['backbone'] == 'vit_tiny_patch16_224'

@@ -206,16 +206,17 @@ class _Profiler:
         self.directory, self.pid, self.py_spy = directory, pid, py_spy
         self.proc: Optional[subprocess.Popen] = None
         self.path = ''
+        self.rate_hz = 100.0
 
     def start(self, name: str, seconds: float) -> None:
         self.path = os.path.join(self.directory, f'{name}.raw.txt')
         cmd = [self.py_spy, 'record', '--pid', str(self.pid), '--duration',
-               str(max(1, int(seconds))), '--rate', '100', '--format', 'raw', '--threads',
-               '--idle', '--nonblocking', '--output', self.path]
+               str(max(1, int(seconds))), '--rate', str(int(self.rate_hz)), '--format',
+               'raw', '--threads', '--nonblocking', '--output', self.path]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL)
 
-    def finish(self) -> Optional[Dict[str, Any]]:
+    def finish(self, frames: int) -> Optional[Dict[str, Any]]:
         if self.proc is None:
             return None
         try:
@@ -226,7 +227,7 @@ class _Profiler:
         self.proc = None
         if not os.path.exists(self.path):
             return {'error': f'py-spy wrote nothing: {err.decode(errors="replace")[-300:]}'}
-        return {'raw': self.path, **breakdown_from_raw(self.path)}
+        return {'raw': self.path, **breakdown_from_raw(self.path, self.rate_hz, frames)}
 
 
 def _camera_msgs(cams: int) -> Tuple[List[List[Any]], List[List[Any]], int]:
@@ -422,7 +423,6 @@ def _run_cameras(bench: _NodeBench, pubs: Sequence[Any], names: Sequence[str], m
             raise RuntimeError(f'cbpnet_node exited ({proc.returncode}); log:\n{_tail(log_path)}')
     time.sleep(1.5)  # let the predictions of the last frames arrive
     preds = bench.take_predictions()
-    profile = profiler.finish() if profiler is not None else None
     duration = wall_end - wall_measure
     per_cam: Dict[str, Dict[str, List[float]]] = {}
     late = 0
@@ -461,6 +461,6 @@ def _run_cameras(bench: _NodeBench, pubs: Sequence[Any], names: Sequence[str], m
         'e2e_latency_ms': percentiles(all_e2e),
         'predictions_after_window': late,
     }
-    if profile is not None:
-        out['profile'] = profile
+    if profiler is not None:
+        out['profile'] = profiler.finish(classified)
     return out

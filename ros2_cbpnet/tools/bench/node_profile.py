@@ -1,12 +1,17 @@
-"""Where the node's time goes: py-spy ``--format raw --threads --idle`` samples of
-``cbpnet_node``, grouped by thread and by stage of a frame's way from DDS to the prediction.
+"""Where the node's time goes: py-spy ``--format raw --threads`` samples of ``cbpnet_node``,
+grouped by thread and by stage of a frame's way from DDS to the prediction.
+
+py-spy drops samples of threads that sleep (a blocked ``wait``, an idle thread pool), so the
+samples are CPU time, not wall time; ``seconds`` per thread group is that CPU time over the
+profiled window and ``ms_per_frame`` divides it by the frames classified meanwhile.
 
 Each sample is one stack of one thread; its stage is the first rule (below) that matches a
 frame, searching from the innermost frame outwards, so ``resize_batch`` called from
 ``predict`` counts as ``resize``, not as ``model``. Time in C code (OpenCV, torch kernels,
 the rmw layer) is attributed to the innermost Python frame that called it. Samples are taken
 whether or not the thread holds the GIL, so a thread waiting for the GIL shows under the
-stage it is trying to run.
+stage it is trying to run (the GIL is one lock for all threads: the stages of all threads
+together show what competes for it).
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ STAGES: List[Tuple[str, Tuple[str, ...]]] = [
     ('waiting_for_frames', ('Condition.wait',)),
     ('rclpy_take_message', ('_take_subscription', 'take_message', '_take (')),
     ('rclpy_wait_for_work', ('wait_for_ready_callbacks', '_wait_for_ready_callbacks')),
-    ('thread_pool_idle', ('_worker (thread.py', 'SimpleQueue.get', 'Queue.get')),
+    ('thread_pool_idle', ('_worker (concurrent/futures/thread.py', 'SimpleQueue.get',
+                          'Queue.get')),
     ('rclpy_executor', ('rclpy/',)),
 ]
 
@@ -60,12 +66,14 @@ def classify(frames: List[str]) -> str:
     return 'other'
 
 
-def breakdown_from_raw(path: str, rate_hz: float = 100.0) -> Dict[str, Any]:
-    """Per thread group: sampled seconds and the fraction of them per stage.
+def breakdown_from_raw(path: str, rate_hz: float = 100.0, frames: int = 0
+                       ) -> Dict[str, Any]:
+    """Per thread group: sampled seconds, and per stage its fraction and, when ``frames``
+    (classified in the window) is given, its milliseconds per classified frame.
 
     Returns:
-        ``{'rate_hz', 'threads': {group: {'threads', 'seconds', 'stages': {stage: frac}}}}``
-        with stages sorted by fraction (largest first).
+        ``{'rate_hz', 'frames', 'threads': {group: {'threads', 'seconds', 'stages':
+        {stage: fraction}, 'ms_per_frame': {stage: ms}}}}``, stages largest first.
     """
     counts: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     tids: Dict[str, set] = collections.defaultdict(set)
@@ -86,4 +94,7 @@ def breakdown_from_raw(path: str, rate_hz: float = 100.0) -> Dict[str, Any]:
             'seconds': round(total / rate_hz, 2),
             'stages': {k: round(v / total, 3) for k, v in c.most_common()},
         }
-    return {'rate_hz': rate_hz, 'threads': threads}
+        if frames:
+            threads[group]['ms_per_frame'] = {
+                k: round(1000.0 * v / rate_hz / frames, 3) for k, v in c.most_common()}
+    return {'rate_hz': rate_hz, 'frames': frames, 'threads': threads}
