@@ -1,6 +1,7 @@
 """The ``cbpnet_node`` console script in its own process, driven over DDS from this one."""
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,13 @@ def test_console_script_learns_predicts_and_stops_on_sigint(tmp_path):
         client.publish_images('~/labelled_images', noisy_images(RED, 8, rng=rng), 'red')
         client.publish_images('~/labelled_images/compressed', noisy_images(BLUE, 8, rng=rng),
                               'blue', compressed=True)
-        found = client.wait_for_status(
-            'cbpnet: learner', lambda level, v: int(v['buffer_samples']) == 16, timeout=60)
+        # Status names carry the node's name with its namespace (as diagnostic_updater).
+        found = client.wait_for_diagnostics(lambda a: any(
+            s.name == 'proc/cbpnet: learner' and {kv.key: kv.value for kv in s.values}[
+                'buffer_samples'] == '16' for s in a.status), timeout=60, prefix='proc/cbpnet:')
         assert found is not None, read_log(proc)
+        assert {s.hardware_id for s in found.status} == {
+            f'/proc/cbpnet@{socket.gethostname()} (tf_efficientnet_lite0 on cpu)'}
         response = client.call_trigger('~/learn_task', timeout=300)
         assert response.success, response.message
         reply = json.loads(response.message)

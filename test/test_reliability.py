@@ -34,8 +34,9 @@ from std_srvs.srv import Trigger
 from ros2_cbpnet import checkpoint as ckpt
 from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
 from ros2_cbpnet.sample_buffer import MAX_LABEL_LENGTH, SampleBuffer, validate_label
-from ros_helpers import (LATCHED, RosClient, Spinner, noisy_images, node_in_process,
-                         node_process, read_log, ros_env, wait_until, write_params_file)
+from ros_helpers import (LATCHED, RosClient, Spinner, diagnostic_status, noisy_images,
+                         node_in_process, node_process, read_log, ros_env, spare_domain_id,
+                         wait_until, write_params_file)
 
 ROOT = Path(__file__).resolve().parents[1]
 CAM = '/cbpnet_rel/cam/image_raw'
@@ -354,31 +355,42 @@ def test_diverging_learn_is_rolled_back(harness, baseline):
 
 @pytest.mark.ros
 def test_second_learn_while_learning_is_refused_and_old_model_serves(harness, baseline):
+    """Learning is held at its first optimiser step (in-process hook on the progress
+    callback), so the old model is checked while a task is certainly being learned."""
     c, node = harness.client, harness.node
     rng = np.random.default_rng(23)
     c.publish_images('~/labelled_images', noisy_images((120, 60, 20), 12, rng=rng), 'cup')
     c.publish_images('~/labelled_images', noisy_images((20, 60, 120), 12, rng=rng), 'mug')
     _buffer_is(c, 24)
-    assert all(r.successful for r in c.set_parameters({'epochs': 80}))
-    progress = c.collect('~/learning_progress')
+    held, release = threading.Event(), threading.Event()
+    forward = node._model._on_progress
+
+    def hold(progress):
+        held.set()
+        release.wait(120)
+        forward(progress)
+
+    node._model._on_progress = hold
     try:
         future = c.call_async(Trigger, '~/learn_task')
-        assert progress.wait_for(timeout=120) is not None
+        assert held.wait(120), 'learning did not start'
         refused = c.call_trigger('~/learn_task', timeout=30)
         assert not refused.success and 'already' in json.loads(refused.message)['error']
+        _status(c, 'cbpnet: learner', lambda level, v: v['state'] == 'learning')
         # The old model serves, unchanged, while the new task is being learned.
         during = _predict_fixed(c, 'during')
-        old = {n: p for n, p in during.items() if p['model_version'] == baseline['version']}
-        assert old or future.done(), during  # (unless learning already ended: fast machine)
-        for name, pred in old.items():
+        assert not future.done()
+        for name, pred in during.items():
             want = baseline['predictions'][name]
+            assert pred['model_version'] == baseline['version'], pred
             assert pred['label'] == want['label'] and abs(pred['score'] - want['score']) < 1e-4
+        release.set()
         reply = c.result(future, 600)
         assert reply.success, reply.message
         assert node.learner.model_version == baseline['version'] + 1
     finally:
-        c.set_parameters({'epochs': 3})
-        progress.close()
+        release.set()
+        node._model._on_progress = forward
 
 
 # ------------------------------------------------------------------------------ load
@@ -407,8 +419,7 @@ def _scene(width, height, seed):
 
 @contextlib.contextmanager
 def _client_in_domain(target, domain_id):
-    """A spinning RosClient in another ROS domain (this module's in-process node also
-    publishes 'cbpnet: ...' diagnostics, which carry no node name)."""
+    """A spinning RosClient in another ROS domain (nothing else of this run is there)."""
     context = Context()
     rclpy.init(context=context, domain_id=domain_id)
     try:
@@ -437,7 +448,17 @@ def test_load_four_cameras_and_labelled_stream(tmp_path):
         max_samples_per_class=max_per_class, max_buffer_samples=max_total,
         diagnostics_period_s=0.5, checkpoint_dir=str(tmp_path / 'checkpoints')))
     # The shipped configuration (128 px, sensor_data camera QoS), then the overrides.
-    domain = (int(os.environ['ROS_DOMAIN_ID']) + 50) % 100 + 1
+    domain = spare_domain_id()
+    node_name = f'{ns}/cbpnet'  # status names: '<node name without the leading />: <task>'
+
+    def status(task, predicate, timeout):
+        wanted = f'{node_name}: {task}'
+        found = c.wait_for_diagnostics(lambda a: any(
+            s.name == wanted and predicate(0, {kv.key: kv.value for kv in s.values})
+            for s in a.status), timeout, prefix=f'{node_name}:')
+        assert found is not None, f'no {wanted!r} status satisfying the condition'
+        return diagnostic_status(found, wanted)
+
     with node_process([ROOT / 'config' / 'cbpnet.yaml', overrides],
                       ros_args=['-r', f'__ns:=/{ns}'],
                       env=ros_env(ROS_DOMAIN_ID=str(domain))) as proc, \
@@ -446,12 +467,11 @@ def test_load_four_cameras_and_labelled_stream(tmp_path):
         rng = np.random.default_rng(0)
         c.publish_images('~/labelled_images', noisy_images(RED, 6, rng=rng), 'red')
         c.publish_images('~/labelled_images', noisy_images(BLUE, 6, rng=rng), 'blue')
-        assert c.wait_for_status('cbpnet: learner',
-                                 lambda level, v: int(v['buffer_samples']) == 12, 60)
+        assert status('learner', lambda level, v: int(v['buffer_samples']) == 12, 60)
         reply = c.call_trigger('~/learn_task', timeout=300)
         assert reply.success, reply.message
-        _, start = c.wait_for_status('cbpnet: learner', lambda level, v: True, 30)
-        _, inf0 = c.wait_for_status('cbpnet: inference', lambda level, v: True, 30)
+        _, start = status('learner', lambda level, v: True, 30)
+        _, inf0 = status('inference', lambda level, v: True, 30)
 
         # Pre-built frames: 2 raw 320x240 rgb8 cameras and 2 JPEG 640x480 cameras.
         messages = []
@@ -527,11 +547,11 @@ def test_load_four_cameras_and_labelled_stream(tmp_path):
 
         # Quiescent: every labelled image is accounted for, every frame too.
         sent_frames, sent_labelled = published['frames'], published['labelled']
-        c.wait_for_status('cbpnet: learner', lambda level, v: int(v['labelled_samples'])
-                          - int(start['labelled_samples']) >= sent_labelled, 30)
+        status('learner', lambda level, v: int(v['labelled_samples'])
+               - int(start['labelled_samples']) >= sent_labelled, 30)
         time.sleep(1.0)
-        _, inf = c.wait_for_status('cbpnet: inference', lambda level, v: True, 30)
-        _, learner = c.wait_for_status('cbpnet: learner', lambda level, v: True, 30)
+        _, inf = status('inference', lambda level, v: True, 30)
+        _, learner = status('learner', lambda level, v: True, 30)
 
     def delta(values, base, key):
         return int(values[key]) - int(base[key])
