@@ -24,7 +24,8 @@ class InferenceWorker:
     Args:
         process: called with a list of frames (at most one per source), oldest source
             first; runs on the worker thread.
-        stats: counters updated here (received, dropped, last_frame_at, failed_batches).
+        stats: counters updated here (received, dropped, last_frame_at, failed_batches,
+            frames_processed).
         logger: an rclpy logger (``error`` is called with ``throttle_duration_sec``).
         is_stopping: extra stop condition (e.g. the ROS context is shutting down); failures
             then end the thread quietly.
@@ -87,6 +88,8 @@ class InferenceWorker:
                 try:
                     self._process(list(pending.values()))
                 except Exception as exc:  # noqa: BLE001 - the worker outlives any bad frame
+                    with self._stats.lock:
+                        self._stats.frames_processed += len(pending)
                     if self._stopping():
                         return
                     error = f'{type(exc).__name__}: {exc}'
@@ -97,6 +100,7 @@ class InferenceWorker:
                 else:
                     with self._stats.lock:
                         self._stats.failed_batches = 0
+                        self._stats.frames_processed += len(pending)
         except BaseException as exc:
             # Diagnostics turn ERROR (the thread is no longer alive); say why once.
             self._log.fatal(f'the inference thread stopped: {type(exc).__name__}: {exc}')

@@ -63,6 +63,7 @@ class NodeStats:
         self.received = 0
         self.dropped = 0
         self.classified = 0
+        self.frames_processed = 0        # frames the inference thread has finished with
         self.rejected: collections.Counter = collections.Counter()
         self.rejected_by_input: collections.Counter = collections.Counter()
         self.latencies_ms: Deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
@@ -166,6 +167,7 @@ class StatusBuilder:
                 received_in_period=received - received0,
                 rejected_in_period=rejected_camera - rejected0, topics=topics)
             counters = {'dropped_frames': stats.dropped, 'debug_images': stats.debug_images,
+                        'frames_processed': stats.frames_processed,
                         'classifications_published': stats.classifications,
                         'unknown_frames': stats.unknown_frames,
                         'failed_batches': stats.failed_batches,
