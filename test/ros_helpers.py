@@ -481,20 +481,30 @@ class RosClient(Node):
                                              QoSProfile(depth=50))
         return self._diagnostics
 
+    def status_name(self, name: str) -> str:
+        """The target's own name for a status: diagnostics are named after the node's full
+        name (``'cbpnet: learner'`` is ``'robot1/cbpnet: learner'`` under ``/robot1``)."""
+        if name.startswith('cbpnet:'):
+            return self.target.lstrip('/') + name[len('cbpnet'):]
+        return name
+
     def wait_for_diagnostics(self, predicate: Callable[[DiagnosticArray], bool] = lambda a: True,
                              timeout: float = 30.0, prefix: str = 'cbpnet:'
                              ) -> Optional[DiagnosticArray]:
-        """The next DiagnosticArray (from now on) with a ``prefix`` status satisfying
-        ``predicate``."""
+        """The next DiagnosticArray (from now on) with a ``prefix`` status (of the target,
+        see :meth:`status_name`) satisfying ``predicate``."""
         collector = self.diagnostics()
+        prefix = self.status_name(prefix)
         return collector.wait_for(
             lambda a: any(s.name.startswith(prefix) for s in a.status) and predicate(a),
             timeout=timeout, start=len(collector.messages))
 
     def wait_for_status(self, name: str, predicate: Callable[[int, Dict[str, str]], bool],
                         timeout: float = 30.0) -> Optional[Tuple[int, Dict[str, str]]]:
-        """The next ``(level, values)`` of diagnostic status ``name`` satisfying
-        ``predicate(level, values)``."""
+        """The next ``(level, values)`` of diagnostic status ``name`` (of the target, see
+        :meth:`status_name`) satisfying ``predicate(level, values)``."""
+        name = self.status_name(name)
+
         def check(array: DiagnosticArray) -> bool:
             found = diagnostic_status(array, name)
             return found is not None and bool(predicate(*found))

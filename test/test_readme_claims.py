@@ -5,8 +5,9 @@ README states, so a 2x regression fails while the noise of a shared 2-core machi
 
 - checkpoint size: the first checkpoint, and the growth per further task (deterministic);
 - the load test: p95 latency receipt-to-publish and the frames lost in best-effort transport,
-  four cameras at 60 Hz plus a labelled stream and service calls, as in the README's table;
-- RSS in a short soak (``scripts/soak.py``) with a task learned every few seconds. A 75-s run
+  four cameras at 60 Hz plus a labelled stream and service calls, as in the README's table
+  (when other jobs already load the machine, these two bounds widen by the load per core);
+- RSS in a short soak (as ``scripts/soak.py`` runs it) with a task learned every 12 s. A 75-s run
   cannot resolve the README's 10-minute figures (+0.3 %, 0.2 MB per task): RSS moves by
   +-20 MB between samples here. Its bound (15 MB per task, 5 %) is set by that noise and still
   fails on the leak the README describes (one glibc arena per executor thread, 37 MB per task).
@@ -15,8 +16,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()
+
+
+def _busy_factor():
+    """How much busier than its cores the machine was before the test (1-min load average
+    per core, at least 1). CI runs the suite alone, where this is 1 and the bounds are 2x;
+    on a development machine shared with other jobs the timing bounds widen by it."""
+    return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 
 
 def _figure(pattern):
@@ -92,6 +98,8 @@ def test_load_p95_latency_and_transport_loss(tmp_path):
     p95_ms = _figure(r'latency receipt-to-publish, p95 \| (\d+) ms')
     lost_pct = _figure(r'\((\d+) % lost in best-effort transport')
     duration = float(os.environ.get('CBPNET_CLAIMS_LOAD_S', '12'))
+    busy = _busy_factor()
+    p95_bound, lost_bound = 2 * p95_ms * busy, 2 * lost_pct * busy
     ns = f'claims{os.getpid()}'
     cams = [f'/{ns}/cam{i}/image_raw' for i in range(2)] + \
         [f'/{ns}/cam{i}/image_raw/compressed' for i in range(2, 4)]
@@ -130,16 +138,18 @@ def test_load_p95_latency_and_transport_loss(tmp_path):
         # cores can spoil one window, a real regression spoils both.
         for _ in range(2):
             windows.append(_load_window(c, messages, stream_pub, labelled, duration))
-            if windows[-1]['p95_ms'] <= 2 * p95_ms and windows[-1]['lost_pct'] <= 2 * lost_pct:
+            if windows[-1]['p95_ms'] <= p95_bound and windows[-1]['lost_pct'] <= lost_bound:
                 break
         assert proc.poll() is None, read_log(proc)
-    print(f'\nload windows: {windows} (README: {lost_pct:.0f} % lost, p95 {p95_ms:.0f} ms)')
+    print(f'\nload windows: {windows} (README: {lost_pct:.0f} % lost, p95 {p95_ms:.0f} ms; '
+          f'machine busy x{busy:.1f} before the test)')
     assert all(w['classified'] > 0 for w in windows), windows
     best_p95 = min(w['p95_ms'] for w in windows)
     best_lost = min(w['lost_pct'] for w in windows)
-    assert best_p95 <= 2 * p95_ms, f'p95 latency {best_p95} ms > 2 x the README figure {p95_ms} ms'
-    assert best_lost <= 2 * lost_pct, \
-        f'{best_lost:.1f} % lost > 2 x the README figure {lost_pct} %'
+    assert best_p95 <= p95_bound, \
+        f'p95 latency {best_p95} ms > 2 x {busy:.1f} x the README figure {p95_ms} ms'
+    assert best_lost <= lost_bound, \
+        f'{best_lost:.1f} % lost > 2 x {busy:.1f} x the README figure {lost_pct} %'
 
 
 def _load_window(c, messages, stream_pub, labelled, duration):
@@ -188,33 +198,85 @@ def _load_window(c, messages, stream_pub, labelled, duration):
 
 
 # ------------------------------------------------------------------------------ soak
+def _soak_module():
+    """scripts/soak.py, for its frame makers and its analysis (one definition of growth)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('cbpnet_soak', ROOT / 'scripts' / 'soak.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.ros
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_short_soak_memory_per_task(tmp_path):
-    from ros_helpers import TrackedProcess, ros_env
+    """What ``scripts/soak.py`` does, shortened: two cameras (raw and JPEG 320x240) at 30 Hz
+    best effort, a task of two new classes every 12 s, RSS sampled every 2 s, growth after the
+    first third analysed by the script's own ``analyse``."""
+    from rclpy.qos import qos_profile_sensor_data
 
+    from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+    from ros_helpers import client_in_process, node_process, read_log, write_params_file
+
+    soak = _soak_module()
     per_task_mb = _figure(r'\+0\.\d+ %\*\* \(peak \+[\d.]+ %, ([\d.]+) MB per task learned')
-    minutes = float(os.environ.get('CBPNET_CLAIMS_SOAK_MIN', '1.25'))
-    out = tmp_path / 'soak.json'
-    proc = TrackedProcess([sys.executable, str(ROOT / 'scripts' / 'soak.py'),
-                           '--minutes', str(minutes), '--learn-every-s', '12',
-                           '--sample-every-s', '2', '--out', str(out)],
-                          env=ros_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-    try:
-        log = proc.communicate(timeout=minutes * 60 + 240)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-    assert proc.returncode == 0, log[-4000:]
-    summary = json.loads(out.read_text())['summary']
+    duration = float(os.environ.get('CBPNET_CLAIMS_SOAK_MIN', '1.25')) * 60
+    ns = f'soaktest{os.getpid()}'
+    cams = [f'/{ns}/cam0/image_raw', f'/{ns}/cam1/image_raw/compressed']
+    overrides = write_params_file(tmp_path / 'soak.yaml', dict(
+        image_topics=cams, epochs=2, diagnostics_period_s=1.0,
+        checkpoint_dir=str(tmp_path / 'checkpoints')))
+    samples, tasks = [], 0
+    with node_process([ROOT / 'config' / 'cbpnet.yaml', overrides],
+                      ros_args=['-r', f'__ns:=/{ns}'], log_path=tmp_path / 'node.log') as proc, \
+            client_in_process(f'/{ns}/cbpnet') as c:
+        assert c.call_trigger('~/clear_buffer', timeout=180).success, read_log(proc)
+        streams = []
+        for i, topic in enumerate(cams):
+            images = [soak.scene(320, 240, 100 * i + k) for k in range(4)]
+            msgs = [rgb_to_compressed_msg(img, 'jpeg') if topic.endswith('/compressed')
+                    else rgb_to_image_msg(img, 'rgb8') for img in images]
+            streams.append((c.publisher(topic, type(msgs[0]), qos_profile_sensor_data), msgs))
+        stop = threading.Event()
+
+        def cameras():
+            tick, k = time.monotonic(), 0
+            while not stop.is_set():
+                for pub, msgs in streams:
+                    pub.publish(msgs[k % len(msgs)])
+                k += 1
+                tick += 1 / 30.0
+                time.sleep(max(0.0, tick - time.monotonic()))
+
+        streamer = threading.Thread(target=cameras, daemon=True)
+        streamer.start()
+        rng = np.random.default_rng(0)
+        t0 = time.monotonic()
+        next_learn = t0 + 5.0
+        try:
+            while time.monotonic() - t0 < duration:
+                samples.append({'t': time.monotonic() - t0,
+                                'rss_mb': soak.rss_kb(proc.pid) / 1024, 'tasks': tasks})
+                if time.monotonic() >= next_learn:
+                    for k in range(2):
+                        c.publish_images('~/labelled_images', soak.class_images(
+                            rng.integers(20, 236, 3), 10, rng), f'soak_{tasks:03d}_{k}')
+                    assert c.wait_for_status('cbpnet: learner', lambda level, v: int(
+                        v['buffer_samples']) == 20, 60), read_log(proc)
+                    reply = c.call_trigger('~/learn_task', timeout=300)
+                    assert reply.success, reply.message
+                    tasks += 1
+                    next_learn = time.monotonic() + 12.0
+                time.sleep(2.0)
+        finally:
+            stop.set()
+            streamer.join(10)
+        assert proc.poll() is None, read_log(proc)
+    summary = soak.analyse(samples, duration, duration / 3)
     print(f'\nsoak: {json.dumps(summary)} (README: {per_task_mb} MB per task over 10 min)')
-    assert not summary['died'] and summary['learn_failures'] == 0, summary
     assert summary['tasks_after_warmup'] >= 3, summary
-    samples = [s['rss_mb'] for s in json.loads(out.read_text())['samples']]
-    assert statistics.median(samples) > 100  # really the node's RSS
+    assert statistics.median(s['rss_mb'] for s in samples) > 100  # really the node's RSS
     bound_mb = max(2 * per_task_mb, 15.0)
     assert summary['growth_mb_per_task_after_warmup'] <= bound_mb, summary
     assert summary['growth_pct'] <= 5.0, summary
