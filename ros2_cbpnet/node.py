@@ -301,10 +301,9 @@ class CBPNetNode(Node):
             self._vision_info_pub = self.create_publisher(
                 self._vision.VisionInfo, '~/vision_info', latched)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self._diagnostics_group = MutuallyExclusiveCallbackGroup()
         self._diagnostics_timer = self.create_timer(
             self._values['diagnostics_period_s'], self._publish_diagnostics,
-            callback_group=self._diagnostics_group)
+            callback_group=MutuallyExclusiveCallbackGroup())
 
     # ----------------------------------------------------------------- parameters
     def _candidate(self, params: Sequence[Parameter]) -> Dict[str, Any]:
@@ -344,10 +343,10 @@ class CBPNetNode(Node):
             if dropped:
                 self.get_logger().warning(f'new buffer limits dropped {dropped} samples')
         if 'diagnostics_period_s' in changed:
-            self.destroy_timer(self._diagnostics_timer)
-            self._diagnostics_timer = self.create_timer(
-                new['diagnostics_period_s'], self._publish_diagnostics,
-                callback_group=self._diagnostics_group)
+            # Changed in place: destroying a timer while the executor waits on it can make
+            # the executor raise InvalidHandle.
+            self._diagnostics_timer.timer_period_ns = int(new['diagnostics_period_s'] * 1e9)
+            self._diagnostics_timer.reset()
         if changed & {'publish_vision_msgs', 'prompt_selection', 'prediction', 'cbp_enabled'}:
             self._publish_vision_info()
         if changed:

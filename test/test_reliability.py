@@ -238,12 +238,13 @@ FIXED = {name: noisy_images(colour, 1, rng=np.random.default_rng(500 + i))[0]
 
 
 def _predict_fixed(client, tag):
-    predictions = client.collect('~/predictions')
-    try:
-        return {name: client.classify(CAM, rgb, f'{tag}_{name}', predictions)
-                for name, rgb in FIXED.items()}
-    finally:
-        predictions.close()
+    # One collector for the client's lifetime: destroying subscriptions while the executor
+    # spins can make rclpy raise InvalidHandle in the spinner.
+    predictions = client.__dict__.get('_fixed_predictions')
+    if predictions is None:
+        predictions = client._fixed_predictions = client.collect('~/predictions')
+    return {name: client.classify(CAM, rgb, f'{tag}_{name}', predictions)
+            for name, rgb in FIXED.items()}
 
 
 @pytest.fixture(scope='module')

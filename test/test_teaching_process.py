@@ -91,22 +91,23 @@ def learned(node):
     return json.loads(reply.message)
 
 
+def _collector(client, topic, **kwargs):
+    """One collector per topic for the client's lifetime: destroying subscriptions while the
+    executor spins can make rclpy raise InvalidHandle in the spinner."""
+    cache = client.__dict__.setdefault('_teach_collectors', {})
+    if topic not in cache:
+        cache[topic] = client.collect(topic, **kwargs)
+    return cache[topic]
+
+
 def _latest_labels(client, predicate, timeout=30.0):
-    labels = client.collect('~/labels', qos=LATCHED)
-    try:
-        found = labels.wait_for(predicate, timeout=timeout)
-    finally:
-        labels.close()
+    found = _collector(client, '~/labels', qos=LATCHED).wait_for(predicate, timeout=timeout)
     assert found is not None, 'no ~/labels message satisfying the condition'
     return found
 
 
 def _classify(client, rgb, tag, cam=CAMS[0]):
-    predictions = client.collect('~/predictions')
-    try:
-        return client.classify(cam, rgb, tag, predictions, stamp=(1, 2))
-    finally:
-        predictions.close()
+    return client.classify(cam, rgb, tag, _collector(client, '~/predictions'), stamp=(1, 2))
 
 
 # ------------------------------------------------------------------------------ 0. no loss
@@ -224,10 +225,11 @@ def test_cancel_learning_over_dds(node, learned):
     probe = noisy_images(BLUE, 1, size=32, rng=rng)[0]
     before = _classify(c, probe, 'before_cancel')
     assert all(r.successful for r in c.set_parameters({'epochs': 1000}))
-    progress = c.collect('~/learning_progress')
+    progress = _collector(c, '~/learning_progress')
+    seen = len(progress)
     try:
         future = c.call_async(Trigger, '~/learn_task')
-        assert progress.wait_for(timeout=120) is not None, 'learning did not start'
+        assert progress.wait_for(timeout=120, start=seen) is not None, 'learning did not start'
         _, during = status(c, 'learner', lambda level, v: v['state'] == 'learning')
         asked = time.monotonic()
         cancelled = c.call_trigger('~/cancel_learning', timeout=60)
@@ -240,7 +242,6 @@ def test_cancel_learning_over_dds(node, learned):
         assert progress.snapshot()[-1]['step'] < progress.snapshot()[-1]['steps']
     finally:
         c.set_parameters({'epochs': 3})
-        progress.close()
     values = _learner(c, lambda v: v['state'] == 'idle')
     assert int(values['model_version']) == version and values['last_error'] == ''
     assert int(values['buffer_samples']) == 16  # kept for a later learn_task
@@ -310,9 +311,10 @@ def test_sigint_during_learning_ends_the_node_promptly(node, learned):
     _publish(c, '~/labelled_images', noisy_images(YELLOW, 8, size=32, rng=rng), 'yellow2')
     _learner(c, lambda v: int(v['buffer_samples']) == 16)
     assert all(r.successful for r in c.set_parameters({'epochs': 1000}))
-    progress = c.collect('~/learning_progress')
+    progress = _collector(c, '~/learning_progress')
+    seen = len(progress)
     c.call_async(Trigger, '~/learn_task')
-    assert progress.wait_for(timeout=120) is not None, 'learning did not start'
+    assert progress.wait_for(timeout=120, start=seen) is not None, 'learning did not start'
     started = time.monotonic()
     code = stop_process(proc, timeout=30)
     took = time.monotonic() - started
