@@ -101,7 +101,15 @@ class ModelManager:
             return False, {'error': 'a task is already being learned; call again when it is '
                                     'done'}
         try:
-            return self._pool.submit(self._learn, min_samples_per_class).result()
+            future = self._pool.submit(self._learn, min_samples_per_class)
+            # Stop waiting when the node stops: the learner only sees its cancel flag between
+            # optimiser steps, and the executor must not wait for a long frozen pass.
+            while True:
+                try:
+                    return future.result(timeout=0.2)
+                except concurrent.futures.TimeoutError:
+                    if self._stopping.is_set():
+                        return False, {'error': 'the node is shutting down'}
         except RuntimeError:  # the pool is shut down: the node is stopping
             return False, {'error': 'the node is shutting down'}
         finally:
@@ -278,6 +286,13 @@ class ModelManager:
             self._log.error(f'could not apply {sorted(changes)}: {exc}')
 
     # ------------------------------------------------------------- shutdown
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no learn is running; False when one still is after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._cancel is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._cancel is None
+
     def stop(self) -> None:
         """Cancel a running learn and refuse new ones (idempotent)."""
         self._stopping.set()

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ from .vision_msgs_bridge import (classification_message, hypotheses, load_vision
 __all__ = ['CBPNetNode', 'ConfigError', 'DEFAULTS', 'PARAMETERS', 'check_parameters',
            'declare_parameters', 'main', 'prediction_record']
 
+#: Seconds main() waits, after SIGINT, for a cancelled task to stop before exiting anyway.
+EXIT_WAIT_S = 3.0
 #: Executor threads: learn_task (+1 to refuse a concurrent call), labelled images, camera and
 #: teach, forget, services, cancel, diagnostics, parameter services, and one spare.
 EXECUTOR_THREADS = 10
@@ -600,6 +603,11 @@ class CBPNetNode(Node):
         if self._worker is not None:
             self._worker.stop()
 
+    def wait_for_learning(self, timeout: float) -> bool:
+        """Wait until no task is being learned (after :meth:`stop` it is being cancelled);
+        False when one still is after ``timeout``."""
+        return self._model is None or self._model.wait_idle(timeout)
+
     def destroy_node(self) -> None:
         """Stop the worker, then destroy the ROS entities."""
         self.stop()
@@ -675,9 +683,22 @@ def main(args: Optional[List[str]] = None) -> int:
             node.stop()
         if executor is not None:
             executor.shutdown(timeout_sec=10.0)
+        learning = node is not None and not node.wait_for_learning(EXIT_WAIT_S)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+    if learning:
+        # The learner checks its cancel flag only between optimiser steps; in a long frozen
+        # pass (thousands of buffered images) it would keep the process alive for a minute.
+        # Nothing of an unfinished task is ever persisted (checkpoints are written
+        # atomically after learning), so leave without joining the learning thread.
+        rclpy.logging.get_logger('cbpnet').warning(
+            f'a task was still being learned {EXIT_WAIT_S:.0f} s after the stop; exiting '
+            'without it (the previous model is what the checkpoint holds)')
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

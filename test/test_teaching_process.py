@@ -320,3 +320,41 @@ def test_sigint_during_learning_ends_the_node_promptly(node, learned):
     took = time.monotonic() - started
     assert code == 0, f'exit code {code}\n{read_log(proc)}'
     assert took < 8.0, f'SIGINT took {took:.1f} s to end the node\n{read_log(proc)}'
+
+
+def test_sigint_during_a_long_frozen_pass_ends_the_node_promptly(tmp_path):
+    """1,500 buffered images at 128 px: the learner's frozen pass takes tens of seconds on
+    2 cores and has no cancel point (it took 43 s to exit before main() stopped waiting for
+    it); nothing of an unfinished task is persisted, so the node leaves without it."""
+    params = write_params_file(tmp_path / 'params.yaml', dict(
+        image_topics=['/frozen/cam'], image_size=128, epochs=1, min_samples_per_class=3,
+        max_samples_per_class=100_000, max_buffer_samples=100_000, diagnostics_period_s=0.2,
+        checkpoint_dir=str(tmp_path / 'checkpoints')))
+    command = _command(params)[:-2] + ['-r', '__ns:=/frozen']
+    with node_process(command=command) as proc, client_in_process('/frozen/cbpnet') as c:
+        assert c.call_trigger('~/clear_buffer', timeout=180).success, read_log(proc)
+        pub = c.create_publisher(Image, c.resolve('~/labelled_images'), KEEP_ALL)
+        assert wait_until(lambda: pub.get_subscription_count() > 0, 60)
+        images = noisy_images(RED, 8, rng=np.random.default_rng(30)) + \
+            noisy_images(BLUE, 8, rng=np.random.default_rng(31))
+        for i in range(1500):
+            pub.publish(c.image_msg(images[i % 16], frame_id='red' if i % 16 < 8 else 'blue'))
+        name = 'frozen/cbpnet: learner'
+
+        def learner(predicate):
+            array = c.wait_for_diagnostics(lambda a: any(
+                s.name == name and predicate({kv.key: kv.value for kv in s.values})
+                for s in a.status), 120, prefix='frozen/cbpnet:')
+            assert array is not None, read_log(proc)
+
+        learner(lambda v: v['buffer_samples'] == '1500')
+        c.call_async(Trigger, '~/learn_task')
+        learner(lambda v: v['state'] == 'learning')
+        time.sleep(0.5)
+        started = time.monotonic()
+        code = stop_process(proc, timeout=60)
+        took = time.monotonic() - started
+    assert code == 0, read_log(proc)
+    assert took < 10.0, f'SIGINT took {took:.1f} s to end the node\n{read_log(proc)}'
+    assert not (tmp_path / 'checkpoints').exists() or not any(
+        (tmp_path / 'checkpoints').glob('cbpnet-*.pt'))  # the unfinished task left nothing
