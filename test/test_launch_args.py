@@ -75,7 +75,7 @@ def test_image_topic_remaps_the_relative_default_and_qos_overrides(monkeypatch, 
 
 @pytest.mark.parametrize('name, value', [('image_qos', 'best_effort'), ('log_level', 'loud')])
 def test_launch_arguments_refuse_values_outside_their_choices(monkeypatch, prefix, name,
-                                                               value):
+                                                              value):
     with pytest.raises(launch_standins.LaunchError, match=name):
         _launch(monkeypatch, prefix, **{name: value})
 

@@ -254,6 +254,7 @@ def test_prediction_settings_change_predictions_at_once(harness, two_tasks, name
         after = [predict(c, rgb, f'{name}_after_{i}') for i, rgb in enumerate(frames)]
     finally:
         assert c.set_parameters({name: default})[0].successful
+
     def outcome(p):
         return p['task_id'], [(t['label'], round(t['score'], 4)) for t in p['topk']]
     assert any(outcome(b) != outcome(a) for b, a in zip(before, after)), (

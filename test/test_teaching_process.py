@@ -4,9 +4,9 @@ is lost in a burst, refine, unknown, cancel, undo, forget, and SIGINT during lea
 One node process (``cbpnet_node`` console script) is shared by the module, in namespace
 ``/teach``; this process publishes and calls its services. The tests run in file order and
 build on each other (red/blue learned first). Small settings: embedded Lite0 at 32 px, a few
-epochs (accuracy is not claimed here; test_node.py checks labels at 64 px). The burst test also checks an older node can be told apart: set
-``CBPNET_TEST_NODE_COMMAND`` to a command line (e.g. a checkout of an older version) to run
-the module against it.
+epochs (accuracy is not claimed here; test_node.py checks labels at 64 px).
+``CBPNET_TEST_NODE_COMMAND`` runs the module against another command line (e.g. a checkout
+of an older version, to see a test fail where the old node did).
 """
 import json
 import os
