@@ -37,6 +37,7 @@ from rcl_interfaces.msg import SetParametersResult
 from rcl_interfaces.srv import SetParameters
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.context import Context
+from rclpy.exceptions import InvalidHandle
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -141,14 +142,23 @@ class Spinner:
         self.thread.start()
 
     def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception as exc:  # noqa: BLE001 - recorded, reported by check()
-            if self._stopping or not self.executor.context.ok():
-                return  # shut down under us: the normal end
-            self.errors.append(exc)
-            print('\n*** test spinner stopped: a callback raised ***', file=sys.stderr)
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        while True:
+            try:
+                self.executor.spin()
+                return
+            except InvalidHandle:
+                # A subscription or client destroyed (e.g. Collector.close) while the executor
+                # waited on it: rclpy's own race, not an error of the code under test. rclpy
+                # handles it the same way in its executors; the next spin starts a new wait.
+                if self._stopping or not self.executor.context.ok():
+                    return
+            except Exception as exc:  # noqa: BLE001 - recorded, reported by check()
+                if self._stopping or not self.executor.context.ok():
+                    return  # shut down under us: the normal end
+                self.errors.append(exc)
+                print('\n*** test spinner stopped: a callback raised ***', file=sys.stderr)
+                traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+                return
 
     def add(self, node: Node) -> None:
         """Spin one more node."""
