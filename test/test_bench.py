@@ -88,8 +88,12 @@ def test_costs_that_must_not_grow_are_there(result):
     sizes = growth['bytes_by_tasks']
     assert sizes['2'] < sizes['3'] < sizes['4']
     mem = result['memory_tasks']
-    assert _positive(mem['rss_mb_after_2']) and _positive(mem['rss_mb_after_4'])
-    assert _positive(mem['ratio']) and _finite(mem['increase_mb'])
+    for suffix in ('', '_untrimmed'):
+        assert _positive(mem[f'rss_mb_after_2{suffix}'])
+        assert _positive(mem[f'rss_mb_after_4{suffix}'])
+        assert _positive(mem[f'ratio{suffix}']) and _finite(mem[f'increase_mb{suffix}'])
+        assert mem[f'ratio{suffix}'] == pytest.approx(
+            mem[f'rss_mb_after_4{suffix}'] / mem[f'rss_mb_after_2{suffix}'], abs=1e-3)
 
 
 def test_naive_comparison_is_there(result):

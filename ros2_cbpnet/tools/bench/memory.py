@@ -2,6 +2,7 @@
 ``cbpnet-bench``; CUDA peak memory lives in :class:`.common.DeviceClock`."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import resource
 import threading
@@ -20,16 +21,26 @@ def proc_status_kb(pid: Any, field: str) -> Optional[int]:
     return None
 
 
-def settled_rss_mb() -> Optional[float]:
+def settled_rss_mb(trim: bool = False) -> Optional[float]:
     """This process's VmRSS in MiB after a garbage collection (None where unreadable).
 
-    glibc may keep freed memory in its arenas, so this is an upper bound of what is live;
-    ``malloc_trim`` is not called on purpose: the node does not call it after every task
-    either, so the figure is what a robot would see.
+    ``trim``: first give freed heap back to the OS with glibc's ``malloc_trim`` (a no-op
+    without glibc), as ``cbpnet_node`` does after every learned task. Without it, glibc keeps
+    freed memory in its arenas and the figure jumps by hundreds of MB with allocation history
+    rather than with what is live.
     """
     gc.collect()
+    if trim:
+        _malloc_trim()
     kb = proc_status_kb('self', 'VmRSS')
     return round(kb / 1024, 1) if kb is not None else None
+
+
+def _malloc_trim() -> bool:
+    try:
+        return bool(ctypes.CDLL('libc.so.6').malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 class PeakRSS:

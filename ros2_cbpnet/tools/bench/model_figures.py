@@ -3,13 +3,13 @@ their two-pass floors, costs that grow with tasks, memory and checkpoint size.
 
 Everything about learners goes through the public API (``ContinualLearner``,
 ``LearnerConfig``, ``learn_task``, ``predict``, ``preprocess``, ``save_checkpoint``,
-``load_latest_checkpoint``). Only the learning floor needs the model's internals (a prompted
-forward and backward without the learner around it); if they change, that one figure is
-reported as missing with the reason and everything else still runs.
+``load_latest_checkpoint``). Only the learning floor needs more (a prompted forward and
+backward without the learner around it); if that breaks, that one figure is
+reported as missing with the reason and everything else still runs; it uses the backbone's
+prompt API only (``prompt_shape``, ``init_prompt_``, ``query``, ``forward_prompted``).
 """
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 import time
@@ -26,34 +26,35 @@ from .scaling import distinct_tasks_selected, grow_chain, load_learner, scaling_
 def _train_floor_fn(learner, x, prec, later_task: bool) -> Callable[[], None]:
     """One no-grad query pass + one prompted forward with trainable prompts + backward.
 
-    ``later_task``: the floor of learning a second task onto ``learner``'s one, with the
-    prompts the learner trains then (a new E-prompt; the G-prompt only when the learner
-    trains it past the first task); otherwise that of the first task (G and E). Uses model
-    internals (``state.add_task``, ``prompts_for``, ``backbone.forward_prompted``).
+    The prompts are the learner's layout (``learner.config``): the E-prompt layers, and the
+    G-prompt layers trained (``later_task`` False, or a learner that trains the G-prompt on
+    every task) or frozen. Only the backbone's prompt API is used (``prompt_shape``,
+    ``init_prompt_``, ``query``, ``forward_prompted``), not the learner's internals.
     """
     import torch
 
-    backbone = learner.backbone
-    state = copy.deepcopy(learner.state)
-    task_id = 0
-    if later_task:
-        task_id = state.add_task()
-        train_g = not getattr(learner.config, 'g_prompt_first_task_only', False)
-        try:
-            state.trainable_parameters(task_id, train_g)
-        except TypeError:  # a learner without the G-prompt switch trains it always
-            pass
-    state.train()
-    task_ids = torch.full((x.shape[0],), task_id, dtype=torch.long, device=x.device)
+    backbone, c = learner.backbone, learner.config
+    b = x.shape[0]
+    train_g = not (later_task and getattr(c, 'g_prompt_first_task_only', False))
+    prompts: Dict[int, List[torch.Tensor]] = {}
+    layout = [(i, c.g_prompt_length, train_g) for i in c.g_prompt_layers if i >= 0]
+    layout += [(i, c.e_prompt_length, True) for i in c.e_prompt_layers]
+    for layer, length, trained in layout:
+        p = torch.empty(backbone.prompt_shape(layer, length), device=x.device)
+        backbone.init_prompt_(p)
+        prompts.setdefault(layer, []).append(p.requires_grad_(trained))
+    leaves = [p for ps in prompts.values() for p in ps if p.requires_grad]
 
     def floor() -> None:
         with torch.no_grad(), prec.autocast():
             backbone.query(x)
         with prec.autocast():
-            z = backbone.forward_prompted(x, state.prompts_for(task_ids))
-            loss = z.float().square().mean()
+            batch = {i: [p.unsqueeze(0).expand(b, *p.shape) for p in ps]
+                     for i, ps in prompts.items()}
+            loss = backbone.forward_prompted(x, batch).float().square().mean()
         prec.backward(loss)
-        state.zero_grad(set_to_none=True)
+        for p in leaves:
+            p.grad = None
     return floor
 
 

@@ -12,7 +12,8 @@ Figures (assembled in :mod:`.model_figures`):
   task (same images, same sample count) learned onto the N-1-task and the 1-task checkpoint,
   paired per round (target <= 1.1).
 - checkpoint growth per task (bytes, from 2 to N tasks) and this process's resident memory
-  after N tasks over after 2 (after a garbage collection).
+  after N tasks over after 2, after a garbage collection and glibc's ``malloc_trim`` (as
+  ``cbpnet_node`` trims after every task; the untrimmed figures are reported beside it).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def grow_chain(learner: Any, target: int, save_at: Sequence[int], root: str,
 
     Returns:
         ``{'dirs': {n: dir}, 'bytes': {n: file bytes}, 'rss_mb': {start: .., target: ..},
-        'filler_learn_s': [...]}``.
+        'rss_trimmed_mb': (the same after malloc_trim), 'filler_learn_s': [...]}``.
     """
     dirs: Dict[int, str] = {}
     sizes: Dict[int, int] = {}
@@ -86,6 +87,7 @@ def grow_chain(learner: Any, target: int, save_at: Sequence[int], root: str,
     start = learner.num_tasks
     save()
     rss = {start: settled_rss_mb()}
+    rss_trimmed = {start: settled_rss_mb(trim=True)}
     learn_s: List[float] = []
     t0 = time.perf_counter()
     while learner.num_tasks < target:
@@ -95,9 +97,11 @@ def grow_chain(learner: Any, target: int, save_at: Sequence[int], root: str,
         learn_s.append(time.perf_counter() - t)
         save()
     rss[target] = settled_rss_mb()
+    rss_trimmed[target] = settled_rss_mb(trim=True)
     log(f'learned {target - start} filler tasks ({images_per_task} images each) in '
         f'{time.perf_counter() - t0:.1f} s')
-    return {'dirs': dirs, 'bytes': sizes, 'rss_mb': rss, 'filler_learn_s': learn_s}
+    return {'dirs': dirs, 'bytes': sizes, 'rss_mb': rss, 'rss_trimmed_mb': rss_trimmed,
+            'filler_learn_s': learn_s}
 
 
 def distinct_tasks_selected(learner: Any, frames: Sequence[np.ndarray]) -> int:
@@ -113,7 +117,6 @@ def scaling_figures(samples: Dict[str, List[float]], fast: str, n_many: int,
     per_round = [a / b for a, b in zip(samples[f'{fast}_t{n_many}_b8'],
                                        samples[f'{fast}_t2_b8'])]
     sizes = chain['bytes']
-    rss = chain['rss_mb']
     out: Dict[str, Any] = {
         'tasks_scaling_2_50': {
             'tasks': [2, n_many], 'batch': 8, 'ratio': round(r, 4),
@@ -127,15 +130,22 @@ def scaling_figures(samples: Dict[str, List[float]], fast: str, n_many: int,
             'bytes_per_task_2_to_n': round((sizes[n_many] - sizes[2]) / (n_many - 2), 1),
             'bytes_by_tasks': {str(k): v for k, v in sorted(sizes.items())},
         },
-        'memory_tasks': {
-            'tasks': [2, n_many], 'rss_mb_after_2': rss.get(2),
-            f'rss_mb_after_{n_many}': rss.get(n_many),
-            'ratio': round(rss[n_many] / rss[2], 4) if rss.get(2) and rss.get(n_many) else None,
-            'increase_mb': round(rss[n_many] - rss[2], 1)
-            if rss.get(2) and rss.get(n_many) else None,
-            'filler_task_learn_s_first_last': [round(chain['filler_learn_s'][0], 3),
-                                               round(chain['filler_learn_s'][-1], 3)]
-            if chain['filler_learn_s'] else None,
-        },
+        'memory_tasks': _memory_tasks(chain, n_many),
     }
+    return out
+
+
+def _memory_tasks(chain: Dict[str, Any], n_many: int) -> Dict[str, Any]:
+    """RSS after N tasks vs after 2; ``ratio`` after malloc_trim, as the node runs."""
+    out: Dict[str, Any] = {'tasks': [2, n_many]}
+    trimmed, raw = chain['rss_trimmed_mb'], chain['rss_mb']
+    for label, rss in (('', trimmed), ('_untrimmed', raw)):
+        a, b = rss.get(2), rss.get(n_many)
+        out[f'rss_mb_after_2{label}'] = a
+        out[f'rss_mb_after_{n_many}{label}'] = b
+        out[f'ratio{label}'] = round(b / a, 4) if a and b else None
+        out[f'increase_mb{label}'] = round(b - a, 1) if a and b else None
+    learn_s = chain['filler_learn_s']
+    out['filler_task_learn_s_first_last'] = [round(learn_s[0], 3), round(learn_s[-1], 3)] \
+        if learn_s else None
     return out
