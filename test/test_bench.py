@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # can be 100x slower (spin-waiting threads); main() restores the thread count afterwards.
 QUICK = ['--quick', '--skip-node', '--backbone-checkpoint', 'random', '--image-size', '32',
          '--threads', '1']
+# The paper's prediction mode trains prompts, so the training figures and floors exist.
+TRAINING = ['--prediction', 'all']
 BATCHES = ('batch_1', 'batch_8')
 
 
@@ -37,7 +39,8 @@ def _finite(value):
 @pytest.fixture(scope='module')
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
-    assert bench.main(QUICK + ['--compare-naive', '--no-table', '--out', str(out)]) == 0
+    assert bench.main(QUICK + TRAINING + ['--compare-naive', '--no-table', '--out',
+                                          str(out)]) == 0
     with open(out, encoding='utf-8') as f:
         return json.load(f)
 
@@ -122,6 +125,7 @@ def test_machine_settings_targets_and_spread(result):
     s = result['settings']
     assert s['image_size'] == 32 and s['precision'] == 'fp32' and s['quick'] is True
     assert s['repeats'] == 2 and s['scaling_tasks'] == 4 and s['grad_scaler'] is False
+    assert s['prediction'] == 'all' and s['prompt_training'] is True
     assert m['torch_threads'] == 1 and torch.get_num_threads() != 0
     assert all(len(v) == 2 for v in result['samples'].values())
     assert all(_finite(v) and v >= 0 for v in result['spread'].values())
@@ -152,10 +156,17 @@ def test_gpu_summary_takes_its_figures_from_the_run(result):
     assert g['train_images'] == 40 and g['grad_scaler'] is False
 
 
-def test_json_to_stdout_and_auto_precision(capsys):
+def test_json_to_stdout_auto_precision_and_default_learner(capsys):
     assert bench.main(QUICK + ['--repeats', '1', '--scaling-tasks', '3', '--precision', 'auto',
                                '--no-table']) == 0
     r = json.loads(capsys.readouterr().out)
+    # the learner's default prediction mode, whether or not it trains prompts
+    assert _positive(r['train_ips']) and _positive(r['train_task_duration_s'])
+    assert _positive(r['learn_time_ratio_50_2']['ratio'])
+    if r['settings']['prompt_training']:
+        assert _positive(r['train_floor_ratio'])
+    else:
+        assert r['train_floor_ratio'] is None and 'trains no prompts' in r['train_floor_error']
     assert set(r['tasks_scaling']['inference_ips_by_tasks']) == {'1', '2', '3'}
     assert r['tasks_scaling_2_50']['tasks'] == [2, 3]
     assert r['settings']['precision'] == 'fp32'  # auto on CPU
@@ -252,8 +263,8 @@ def test_cuda_half_precision_predict(precision):
 @pytest.mark.parametrize('precision', ['fp16', 'bf16'])
 def test_cuda_half_precision_bench(tmp_path, precision):
     out = tmp_path / 'bench.json'
-    assert bench.main(QUICK + ['--device', 'cuda', '--precision', precision, '--no-table',
-                               '--out', str(out)]) == 0
+    assert bench.main(QUICK + TRAINING + ['--device', 'cuda', '--precision', precision,
+                                          '--no-table', '--out', str(out)]) == 0
     r = json.loads(out.read_text())
     assert r['settings']['precision'] == precision
     assert r['settings']['grad_scaler'] is (precision == 'fp16')
@@ -313,3 +324,12 @@ def test_gpu_bench_script_dry_run(tmp_path):
                     'tasks_scaling_2_50', 'learn_time_ratio_50_2'):
             assert _positive(row[key]), (row['run'], key)
     assert r['runs']['vit_tiny_32_fp32']['settings']['backbone'] == 'vit_tiny_patch16_224'
+
+
+def test_non_finite_values_become_null():
+    replaced = []
+    out = cli.finite_json({'a': float('nan'), 'b': [1.0, float('inf')], 'c': {'d': 2}},
+                          replaced)
+    assert out == {'a': None, 'b': [1.0, None], 'c': {'d': 2}}
+    assert replaced == ['/a', '/b/1']
+    json.dumps(out, allow_nan=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         '(through learn_task) before comparing with 2 (default 50, --quick 4)')
     p.add_argument('--scaling-images', type=int, default=16,
                    help='images per filler task on the way to N tasks (default 16)')
+    p.add_argument('--prediction', default='',
+                   help="the learner's prediction mode (LearnerConfig.prediction; default: the "
+                        "learner's default). Modes that train prompts give the training "
+                        'figures; a statistics-only mode learns without them')
     p.add_argument('--compare-naive', action='store_true',
                    help='also measure the model figures with fast_paths=False')
     p.add_argument('--skip-node', action='store_true', help='skip the ROS node figures')
@@ -138,6 +143,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = run_bench(args, device)
     finally:
         torch.set_num_threads(threads_before)  # main() may run inside a bigger process
+    replaced: List[str] = []
+    results = finite_json(results, replaced)
+    if replaced:
+        results['non_finite_replaced_by_null'] = replaced
+        log(f'non-finite values reported as null: {", ".join(replaced[:10])}')
     text = json.dumps(results, indent=2, allow_nan=False)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -149,6 +159,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_table:
         print(format_table(results), file=sys.stderr, flush=True)
     return 0
+
+
+def finite_json(value: Any, replaced: List[str], path: str = '') -> Any:
+    """``value`` with every NaN/inf float replaced by None (strict JSON has neither); the
+    paths of the replaced values are appended to ``replaced``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        replaced.append(path or '/')
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v, replaced, f'{path}/{k}') for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, replaced, f'{path}/{i}') for i, v in enumerate(value)]
+    return value
 
 
 def _warn_if_busy() -> None:

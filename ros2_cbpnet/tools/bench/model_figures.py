@@ -58,6 +58,12 @@ def _train_floor_fn(learner, x, prec, later_task: bool) -> Callable[[], None]:
     return floor
 
 
+def _epochs_run(result: Any, default: int) -> int:
+    """Epochs a ``learn_task`` actually trained (0: no prompt training at all)."""
+    epochs = getattr(result, 'epochs', default)
+    return int(epochs) if isinstance(epochs, (int, float)) else default
+
+
 def _learner_configs(args, modes: Dict[str, bool]):
     from ...learner import LearnerConfig
 
@@ -69,6 +75,8 @@ def _learner_configs(args, modes: Dict[str, bool]):
         kw['epochs'] = 1
     if args.batch_size:
         kw['batch_size'] = args.batch_size
+    if args.prediction:
+        kw['prediction'] = args.prediction
     return {m: LearnerConfig(fast_paths=fp, **kw) for m, fp in modes.items()}
 
 
@@ -183,7 +191,7 @@ def _measure(args, factory, probe, prec, clock: DeviceClock, rng, n_many: int,
             fn()
     except (AttributeError, TypeError, RuntimeError) as exc:
         floors = {}
-        floor_error = f'the learning floor needs model internals: {type(exc).__name__}: {exc}'
+        floor_error = f'the learning floor failed: {type(exc).__name__}: {exc}'
         log(floor_error)
     learn_results: Dict[str, List[Dict[str, Any]]] = {}
 
@@ -200,15 +208,24 @@ def _measure(args, factory, probe, prec, clock: DeviceClock, rng, n_many: int,
         f'1st, 2nd and {n_many}th task) x {args.repeats} rounds')
     # Warm-up: a small first and later task through every mode (allocations, kernels).
     warm = synthetic_task(rng, ['w0', 'w1'], max(2 * train_bs, 8))
+    trains = True
     for mode in modes:
         factory(mode).learn_task(*warm)
-        load_learner(lambda: factory(mode), dirs[1], 1).learn_task(*warm)
+        trains = _epochs_run(load_learner(lambda: factory(mode), dirs[1], 1).learn_task(
+            *warm), cfg.epochs) > 0
+    if not trains:
+        # e.g. prediction='stats': learn_task is a frozen pass and class statistics, so a
+        # floor of prompt training does not apply.
+        floors = {}
+        floor_error = (f'learn_task trains no prompts with prediction={cfg.prediction!r}; '
+                       'the training floor does not apply')
     learn_mem = PeakRSS()
     floor_rounds = Rounds(args.repeats, 0.0, 0.0, clock)
     for fn in floors.values():
         floor_rounds.timed(fn, args.warmup_s, 2)
     floor_slice = args.slice_s / (len(learn_items) + 1) / max(len(floors), 1)
     learn_peak: Dict[str, float] = {}
+    durations: Dict[str, List[float]] = {}
     for r in range(args.repeats):
         f_acc = {name: [0, 0.0] for name in floors}
 
@@ -230,7 +247,10 @@ def _measure(args, factory, probe, prec, clock: DeviceClock, rng, n_many: int,
             peak = clock.peak_mb()
             if peak is not None:
                 learn_peak[name] = max(learn_peak.get(name, 0.0), peak)
-            s.setdefault(name, []).append(n_train * cfg.epochs / t)
+            # images x epochs per second (images per second when no epoch is trained)
+            passes = max(_epochs_run(result, cfg.epochs), 1)
+            s.setdefault(name, []).append(n_train * passes / t)
+            durations.setdefault(name, []).append(t)
             learn_results.setdefault(name, []).append(result.as_dict())
             del learner
         floor_slices()
@@ -265,8 +285,7 @@ def _measure(args, factory, probe, prec, clock: DeviceClock, rng, n_many: int,
             'train_ips': fig(f'train_{mode}'),
             'train_floor_ips': fig('train_floor'),
             'train_floor_ratio': floor_ratio(f'train_{mode}', 'train_floor'),
-            'train_task_duration_s': round(median(
-                [r['duration_s'] for r in learn_results[f'train_{mode}']]), 3),
+            'train_task_duration_s': round(median(durations[f'train_{mode}']), 3),
             'train_ips_first_task': fig(f'train_first_{mode}'),
             'train_floor_ips_first_task': fig('train_floor_first'),
             'train_floor_ratio_first_task': floor_ratio(f'train_first_{mode}',
@@ -277,15 +296,14 @@ def _measure(args, factory, probe, prec, clock: DeviceClock, rng, n_many: int,
         return out
 
     many = f'train_{n_many}th_fast'
+    per_round = [b / a for a, b in zip(durations['train_fast'], durations[many])]
     learn_ratio = {
         'tasks': [2, n_many], 'train_images': n_train, 'epochs': cfg.epochs,
-        # durations: 1 / ips, so the duration ratio is ips(2nd) / ips(Nth), paired per round
-        'ratio': round(ratio(s, 'train_fast', many), 4),
-        'ratio_by_round': [round(a / b, 4) for a, b in zip(s['train_fast'], s[many])],
-        'learn_task_s_2nd': round(median([n_train * cfg.epochs / v for v in s['train_fast']]),
-                                  3),
-        f'learn_task_s_{n_many}th': round(median([n_train * cfg.epochs / v for v in s[many]]),
-                                          3),
+        # paired: the 2nd and the Nth task of a round ran next to each other
+        'ratio': round(median(per_round), 4),
+        'ratio_by_round': [round(x, 4) for x in per_round],
+        'learn_task_s_2nd': round(median(durations['train_fast']), 3),
+        f'learn_task_s_{n_many}th': round(median(durations[many]), 3),
     }
     result: Dict[str, Any] = {
         'backbone_ips': {f'batch_{b}': fig(f'backbone_b{b}') for b in BATCH_SIZES},
@@ -304,6 +322,7 @@ def _measure(args, factory, probe, prec, clock: DeviceClock, rng, n_many: int,
             'num_prompt_layers': backbone.num_layers,
             'g_prompt_layers': cfg.g_prompt_layers, 'e_prompt_layers': cfg.e_prompt_layers,
             'prompt_selection': cfg.prompt_selection, 'prediction': cfg.prediction,
+            'prompt_training': trains,
             'train_images': n_train, 'train_classes': args.train_classes,
             'epochs': cfg.epochs, 'batch_size': train_bs, 'repeats': args.repeats,
             'slice_s': args.slice_s, 'warmup_s': args.warmup_s, 'quick': args.quick,
