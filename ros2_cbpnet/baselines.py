@@ -1,8 +1,9 @@
 """Frozen-feature baselines for the offline evaluation (no ROS, no prompts, no CBP block).
 
-Both baselines see exactly what CBPNet's selection sees: the frozen backbone's query feature
-(pre-logits, ``backbone.query``) of images preprocessed like the learner's (resize to
-``image_size``, normalise with the backbone's mean/std). They have the learner's
+Every baseline sees a frozen query of images preprocessed like the learner's (resize to
+``image_size``, normalise with the backbone's mean/std): by default the backbone's pre-logits
+feature (``query_layers=None``), or, with ``query_layers``, the same multi-layer query as
+CBPNet's statistics (pooled outputs of those layers). They have the learner's
 ``learn_task``/``evaluate``/``predict`` shape, so the evaluation loop drives every method
 alike, and they share an already loaded backbone instead of loading their own.
 
@@ -16,6 +17,17 @@ alike, and they share an already loaded backbone instead of loading their own.
   feature and the class mean of the raw features, as CBPNet's ``class_mean`` selection uses);
   ``'euclidean'`` is available. Nothing is trained by gradient and old means never change,
   so it cannot forget, but it cannot adapt the features either.
+- :class:`StreamingLDA` (``lda``): class means and one shared within-class covariance,
+  shrunk towards a scaled identity, updated exactly after every task (Hayes & Kanan,
+  "Lifelong machine learning with deep streaming linear discriminant analysis", CVPR-W 2020).
+  It uses the very statistics code of CBPNet (:class:`~ros2_cbpnet.model.statistics.
+  ClassStatistics`), so it is CBPNet's ``prediction='stats'`` without prompts.
+- :class:`RandomProjectionRidge` (``ranpac``): RanPAC's second phase (McDonnell et al.,
+  NeurIPS 2023): a fixed random projection of the query to ``projection_dim`` dimensions
+  with ReLU, the Gram matrix and class sums accumulated over all tasks, and a ridge
+  classifier solved from them. ``ridge`` is relative to the mean diagonal of the Gram matrix,
+  so one value fits any feature scale. Without RanPAC's first-session fine-tuning of the
+  backbone (its phase 1), which a frozen robot backbone does not do.
 
 Example:
     >>> from ros2_cbpnet.model.backbones import load_backbone  # doctest: +SKIP
@@ -38,10 +50,11 @@ from torch import nn
 
 from .learner import Prediction, Progress, TaskResult, resize_batch, resolve_device
 from .model.backbones import Backbone
+from .model.statistics import ClassStatistics
 
 __all__ = [
     'BASELINES', 'FrozenFeatureBaseline', 'LinearProbe', 'NCM_METRICS', 'NearestClassMean',
-    'backbone_params_without_classifier',
+    'RandomProjectionRidge', 'StreamingLDA', 'backbone_params_without_classifier',
 ]
 
 NCM_METRICS = ('cosine', 'euclidean')
@@ -72,13 +85,18 @@ class FrozenFeatureBaseline:
         device: ``'auto'``, ``'cpu'`` or ``'cuda[:N]'``.
         seed: seeds head initialisation and batch order (per task).
         feature_batch_size: images per frozen forward pass.
+        query_layers: layers whose pooled outputs form the query; None = pre-logits.
     """
 
     method = 'frozen'
 
     def __init__(self, backbone: Backbone, *, image_size: int = 0, device: str = 'auto',
-                 seed: int = 0, feature_batch_size: int = 64) -> None:
+                 seed: int = 0, feature_batch_size: int = 64,
+                 query_layers: Optional[Sequence[int]] = None) -> None:
         self.backbone = backbone
+        self.query_layers = None if query_layers is None else sorted(set(query_layers))
+        self.feature_dim = backbone.feature_dim if query_layers is None \
+            else backbone.query_dim(self.query_layers)
         self.device = resolve_device(device)
         self.backbone.to(self.device)
         self.image_size = int(image_size or backbone.input_size)
@@ -106,10 +124,11 @@ class FrozenFeatureBaseline:
     @torch.inference_mode()
     def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Frozen query feature of each uint8 image, shape (N, feature_dim)."""
-        chunks = [self.backbone.query(self.preprocess(images[s:s + self.feature_batch_size]))
-                  .float() for s in range(0, len(images), self.feature_batch_size)]
+        chunks = [self.backbone.query(self.preprocess(images[s:s + self.feature_batch_size]),
+                                      self.query_layers).float()
+                  for s in range(0, len(images), self.feature_batch_size)]
         if not chunks:
-            return torch.zeros(0, self.backbone.feature_dim, device=self.device)
+            return torch.zeros(0, self.feature_dim, device=self.device)
         return torch.cat(chunks)
 
     # ------------------------------------------------------------- interface
@@ -172,7 +191,22 @@ class FrozenFeatureBaseline:
     def config_dict(self) -> Dict[str, object]:
         """The settings of this baseline, for result files."""
         return {'method': self.method, 'backbone': self.backbone.name,
-                'image_size': self.image_size, 'device': str(self.device), 'seed': self.seed}
+                'image_size': self.image_size, 'device': str(self.device), 'seed': self.seed,
+                'query_layers': self.query_layers}
+
+    def _finish_task(self, new: List[str], labels: Sequence[str], feats: torch.Tensor,
+                     started: float, progress: Optional[Callable[[Progress], None]]
+                     ) -> TaskResult:
+        """Register a task learned in closed form and report its training accuracy."""
+        task_id = len(self.tasks)
+        self.classes += new
+        self.tasks.append(new)
+        y = torch.tensor([self.classes.index(c) for c in labels], device=self.device)
+        train_acc = float((self.scores(feats).argmax(1) == y).float().mean())
+        if progress is not None:
+            progress(Progress(task_id, 1, 1, 1, 1, 0.0, train_acc, 0))
+        return TaskResult(task_id, new, len(labels), 0, train_acc,
+                          time.monotonic() - started, 0, task_id + 1, new_classes=new)
 
 
 class NearestClassMean(FrozenFeatureBaseline):
@@ -185,7 +219,7 @@ class NearestClassMean(FrozenFeatureBaseline):
         if metric not in NCM_METRICS:
             raise ValueError(f'metric must be one of {NCM_METRICS}, not {metric!r}')
         self.metric = metric
-        self.class_means = torch.zeros(0, backbone.feature_dim, device=self.device)
+        self.class_means = torch.zeros(0, self.feature_dim, device=self.device)
 
     def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,
                    progress: Optional[Callable[[Progress], None]] = None) -> TaskResult:
@@ -197,16 +231,8 @@ class NearestClassMean(FrozenFeatureBaseline):
         label_arr = np.asarray(labels)
         means = torch.stack([feats[torch.from_numpy(label_arr == c).to(self.device)].mean(0)
                              for c in new])
-        task_id = len(self.tasks)
         self.class_means = torch.cat([self.class_means, means])
-        self.classes += new
-        self.tasks.append(new)
-        y = torch.tensor([self.classes.index(c) for c in labels], device=self.device)
-        train_acc = float((self.scores(feats).argmax(1) == y).float().mean())
-        if progress is not None:
-            progress(Progress(task_id, 1, 1, 1, 1, 0.0, train_acc, 0))
-        return TaskResult(task_id, new, len(labels), 0, train_acc,
-                          time.monotonic() - started, 0, task_id + 1)
+        return self._finish_task(new, labels, feats, started, progress)
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to each class mean, or minus the squared Euclidean distance."""
@@ -238,8 +264,7 @@ class LinearProbe(FrozenFeatureBaseline):
             raise ValueError('epochs and batch_size must be >= 1 and learning_rate > 0')
         self.epochs, self.batch_size = int(epochs), int(batch_size)
         self.learning_rate, self.grad_clip_norm = float(learning_rate), float(grad_clip_norm)
-        d = backbone.feature_dim
-        self.head_weight = torch.zeros(0, d, device=self.device)
+        self.head_weight = torch.zeros(0, self.feature_dim, device=self.device)
         self.head_bias = torch.zeros(0, device=self.device)
 
     def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,
@@ -253,7 +278,7 @@ class LinearProbe(FrozenFeatureBaseline):
         index = {c: i for i, c in enumerate(new)}
         y = torch.tensor([index[c] for c in labels], device=self.device)
         torch.manual_seed(self.seed + task_id)
-        d = self.backbone.feature_dim
+        d = self.feature_dim
         # Same head initialisation as CBPNet's (normal std 0.01, zero bias).
         weight = nn.Parameter(torch.randn(len(new), d, device=self.device) * 0.01)
         bias = nn.Parameter(torch.zeros(len(new), device=self.device))
@@ -303,5 +328,110 @@ class LinearProbe(FrozenFeatureBaseline):
                 'learning_rate': self.learning_rate, 'grad_clip_norm': self.grad_clip_norm}
 
 
+class StreamingLDA(FrozenFeatureBaseline):
+    """Shrinkage LDA on frozen features, updated exactly task by task (no training).
+
+    Args:
+        backbone: shared frozen backbone.
+        shrinkage: weight of the isotropic part of the covariance, in [0, 1].
+        **kwargs: see :class:`FrozenFeatureBaseline`.
+    """
+
+    method = 'lda'
+
+    def __init__(self, backbone: Backbone, *, shrinkage: float = 0.2, **kwargs) -> None:
+        super().__init__(backbone, **kwargs)
+        self.shrinkage = float(shrinkage)
+        self.stats = ClassStatistics(self.feature_dim, 1, self.shrinkage).to(self.device)
+
+    def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,
+                   progress: Optional[Callable[[Progress], None]] = None) -> TaskResult:
+        """Merge the new classes into the class statistics."""
+        started = time.monotonic()
+        labels = [str(label) for label in labels]
+        new = self._register(labels)
+        feats = self.features(images)
+        start = self.stats.num_classes
+        self.stats.grow(len(new))
+        index = {c: start + i for i, c in enumerate(new)}
+        self.stats.add(torch.tensor([index[c] for c in labels], device=self.device), feats)
+        return self._finish_task(new, labels, feats, started, progress)
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """log p(class | query) under the shrinkage LDA."""
+        active = torch.ones(self.stats.num_classes, dtype=torch.bool, device=self.device)
+        return self.stats.log_posterior(feats, active)
+
+    def novelty(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Plain Mahalanobis novelty of each image: the squared distance to the nearest
+        class mean under the shared covariance (the obvious open-world baseline)."""
+        active = torch.ones(self.stats.num_classes, dtype=torch.bool, device=self.device)
+        return self.stats.mahalanobis(self.features(images), active)
+
+    def config_dict(self) -> Dict[str, object]:
+        """Settings, plus the shrinkage."""
+        return {**super().config_dict(), 'shrinkage': self.shrinkage}
+
+
+class RandomProjectionRidge(FrozenFeatureBaseline):
+    """RanPAC-style random ReLU projection and a ridge classifier from accumulated sums.
+
+    Args:
+        backbone: shared frozen backbone.
+        projection_dim: size of the random projection (RanPAC uses 10,000 for ViT-B/16).
+        ridge: ridge coefficient relative to the mean diagonal of the Gram matrix.
+        **kwargs: see :class:`FrozenFeatureBaseline`.
+    """
+
+    method = 'ranpac'
+
+    def __init__(self, backbone: Backbone, *, projection_dim: int = 2000, ridge: float = 0.1,
+                 **kwargs) -> None:
+        super().__init__(backbone, **kwargs)
+        if projection_dim < 1 or not ridge > 0:
+            raise ValueError('projection_dim must be >= 1 and ridge > 0')
+        self.projection_dim, self.ridge = int(projection_dim), float(ridge)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.projection = torch.randn(self.feature_dim, projection_dim, generator=generator,
+                                      dtype=torch.float64).to(self.device)
+        self.gram = torch.zeros(projection_dim, projection_dim, dtype=torch.float64,
+                                device=self.device)
+        self.class_sums = torch.zeros(projection_dim, 0, dtype=torch.float64, device=self.device)
+        self.weight = torch.zeros(projection_dim, 0, dtype=torch.float64, device=self.device)
+
+    def _project(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.relu(feats.double() @ self.projection)
+
+    def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,
+                   progress: Optional[Callable[[Progress], None]] = None) -> TaskResult:
+        """Accumulate the Gram matrix and class sums, then solve the ridge classifier."""
+        started = time.monotonic()
+        labels = [str(label) for label in labels]
+        new = self._register(labels)
+        feats = self.features(images)
+        h = self._project(feats)
+        start = self.class_sums.shape[1]
+        index = {c: start + i for i, c in enumerate(new)}
+        y = torch.tensor([index[c] for c in labels], device=self.device)
+        self.gram += h.T @ h
+        self.class_sums = torch.cat([self.class_sums, torch.zeros(
+            self.projection_dim, len(new), dtype=torch.float64, device=self.device)], dim=1)
+        self.class_sums.index_add_(1, y, h.T)
+        lam = self.ridge * float(torch.diagonal(self.gram).mean())
+        eye = torch.eye(self.projection_dim, dtype=torch.float64, device=self.device)
+        self.weight = torch.linalg.solve(self.gram + lam * eye, self.class_sums)
+        return self._finish_task(new, labels, feats, started, progress)
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """Ridge outputs over all classes seen so far."""
+        return (self._project(feats) @ self.weight).float()
+
+    def config_dict(self) -> Dict[str, object]:
+        """Settings, plus projection size and ridge."""
+        return {**super().config_dict(), 'projection_dim': self.projection_dim,
+                'ridge': self.ridge}
+
+
 #: Method name -> baseline class.
-BASELINES = {'linear': LinearProbe, 'ncm': NearestClassMean}
+BASELINES = {'linear': LinearProbe, 'ncm': NearestClassMean, 'lda': StreamingLDA,
+             'ranpac': RandomProjectionRidge}

@@ -174,3 +174,22 @@ def format_matrix(acc_matrix: Any, task_names: list[str] | None = None) -> str:
         cells = [f'{100.0 * values[j]:.1f}' if j <= i else '-' for j in range(n)]
         lines.append(f'{row_labels[i]:<{first}}' + ''.join(f' {c:>{col}}' for c in cells))
     return '\n'.join(lines)
+
+
+def effective_rank(activations: Any) -> float:
+    """Effective rank of a (samples, units) activation matrix (Roy & Vetterli, 2007).
+
+    ``exp(H(p))`` with ``p`` the singular values normalised to sum 1, the measure Dohare et
+    al. (Nature 2024) use to show a network's representation collapsing: it equals the
+    number of units when all directions are used equally and falls towards 1 as they
+    collapse onto few. 0 for an all-zero matrix.
+    """
+    a = np.asarray(activations, dtype=np.float64)
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError('activations must be a non-empty 2-D array')
+    s = np.linalg.svd(a, compute_uv=False)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))

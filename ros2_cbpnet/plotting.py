@@ -14,7 +14,7 @@ import numpy as np
 
 from ros2_cbpnet.metrics import _triangle
 
-__all__ = ['plot_accuracy_curves']
+__all__ = ['plot_accuracy_curves', 'plot_lifetime']
 
 
 def _running_average(acc: list[list[float]]) -> list[float]:
@@ -101,6 +101,61 @@ def plot_accuracy_curves(results: Sequence[dict[str, Any]], path: str,
         fig.suptitle(title)
     fig.tight_layout()
 
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fig.savefig(path, format='png')
+    return path
+
+
+def plot_lifetime(curves: dict[str, dict[str, Sequence[float]]], path: str,
+                  title: str | None = 'robot lifetime: one new pair of classes per task',
+                  window: int = 5) -> str:
+    """Plot a lifetime stream: learning accuracy per task (and its moving average), and the
+    CBP block's dormant fraction and effective rank where present.
+
+    Args:
+        curves: label -> ``{'learning_accuracy': [...], 'dormant_fraction': [...],
+            'effective_rank': [...]}`` (the last two optional), one value per task.
+        path: output PNG path; missing parent folders are created.
+        title: figure title.
+        window: tasks in the moving average drawn over the learning accuracy.
+
+    Returns:
+        ``path``.
+    """
+    if not curves:
+        raise ValueError('plot_lifetime needs at least one curve')
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = ['learning_accuracy'] + [k for k in ('dormant_fraction', 'effective_rank')
+                                      if any(k in c for c in curves.values())]
+    names = {'learning_accuracy': 'learning accuracy (%)',
+             'dormant_fraction': 'dormant units (fraction)',
+             'effective_rank': 'effective rank of hidden units'}
+    fig = Figure(figsize=(4.2 * len(panels), 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    for k, key in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        for label, c in curves.items():
+            if key not in c:
+                continue
+            y = np.asarray(c[key], dtype=float) * (100.0 if key == 'learning_accuracy' else 1)
+            x = np.arange(1, len(y) + 1)
+            if key == 'learning_accuracy' and len(y) >= window:
+                line, = ax.plot(x, y, alpha=0.25, linewidth=0.8)
+                smooth = np.convolve(y, np.ones(window) / window, mode='valid')
+                ax.plot(x[window - 1:], smooth, color=line.get_color(), label=label)
+            else:
+                ax.plot(x, y, label=label)
+        ax.set_xlabel('task')
+        ax.set_ylabel(names[key])
+        ax.grid(True, alpha=0.3)
+        if k == 0:
+            ax.legend(loc='lower left', fontsize='small')
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fig.savefig(path, format='png')

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from ros2_cbpnet import datasets
-from ros2_cbpnet.baselines import (LinearProbe, NearestClassMean,
-                                   backbone_params_without_classifier)
+from ros2_cbpnet.baselines import (LinearProbe, NearestClassMean, RandomProjectionRidge,
+                                   StreamingLDA, backbone_params_without_classifier)
 from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
 from ros2_cbpnet.model import load_backbone
 from ros2_cbpnet.tools import evaluate
+from ros2_cbpnet.tools.eval_methods import PUBLISHED_DUALPROMPT, learner_config
+from ros2_cbpnet.tools.eval_protocols import auroc, validation_split
 from ros2_cbpnet.tools.evaluate import INTERFACE_KEYS, main
 
 COLOURS = {'blue': (0, 0, 230), 'green': (0, 200, 0), 'red': (220, 0, 0),
@@ -70,8 +72,12 @@ def test_results_json_has_the_interface_keys_and_a_triangular_matrix(e2e):
         assert r['train_seconds'] > 0 and r['seed'] == 0
         assert isinstance(r['config'], dict)
     cbp, ncm = runs
-    assert cbp['recipe'] == 'cbpnet' and cbp['config']['cbp_enabled'] is True
-    assert cbp['config']['prompt_selection'] == 'lda' and cbp['trainable_params'] > 0
+    assert cbp['config'] == {**cbp['config'], **{
+        k: v for k, v in vars(LearnerConfig()).items()
+        if k not in ('image_size', 'device', 'query_layers', 'g_prompt_layers',
+                     'e_prompt_layers', 'epochs', 'batch_size')}}
+    assert cbp['config']['query_layers'] == [3, 4, 5, 6, 7]  # resolved family default
+    assert cbp['split'] == 'test' and cbp['protocol'] == 'incremental'
     assert ncm['trainable_params'] == 0 and ncm['replaced_units'] == 0
     assert set(data['summary']) == {'cbpnet', 'ncm'}
 
@@ -83,14 +89,14 @@ def test_plot_is_written(e2e):
 
 def test_compare_reads_result_files_and_plots_them_together(e2e, tmp_path, capsys):
     runs = json.loads((e2e / 'res.json').read_text())['runs']
-    single = dict(runs[1], method='dualprompt', recipe='faithful', tag='x')
+    single = dict(runs[1], method='dualprompt', tag='x')
     del single['label']
     (tmp_path / 'single.json').write_text(json.dumps(single))
     plot = tmp_path / 'cmp.png'
     assert main(['--compare', str(e2e / 'res.json'), str(tmp_path / 'single.json'),
                  '--plot', str(plot)]) == 0
     out = capsys.readouterr().out
-    for label in ('| cbpnet |', '| ncm |', '| dualprompt (faithful) [x] |'):
+    for label in ('| cbpnet |', '| ncm |', '| dualprompt [x] |'):
         assert label in out
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
@@ -106,30 +112,35 @@ def test_summary_gives_mean_and_sample_std_over_seeds():
     assert np.allclose(np.concatenate(summary['acc_matrix']), [0.9, 0.9, 0.4])
 
 
-def test_recipes_and_overrides_map_onto_the_learner_config():
+def test_methods_and_overrides_map_onto_the_learner_config():
     parser = evaluate.build_parser()
-    args = parser.parse_args(['--dataset', 'digits', '--tasks', '5', '--recipe', 'faithful',
+    args = parser.parse_args(['--dataset', 'digits', '--tasks', '5',
                               '--g-prompt-layers', 'none', '--e-prompt-layers', '5,6,7',
                               '--cbp-replacement-rate', '0.01'])
-    cfg = evaluate.learner_config(args, 'dualprompt', 3, 64)
-    assert (cfg.prompt_selection, cfg.prediction) == ('key', 'all')
-    # The paper's recipe has none of the learner's drift control.
-    assert cfg.feature_replay_coeff == 0.0 and cfg.g_prompt_first_task_only is False
-    assert cfg.cbp_enabled is False and cfg.seed == 3 and cfg.image_size == 64
+    cfg = learner_config(args, 'dualprompt', 3, 64)
+    # The published DualPrompt: key selection on the pre-logits query, one head over all
+    # classes, no block, no replay, G-prompt trained on every task.
+    assert {k: getattr(cfg, k) for k in PUBLISHED_DUALPROMPT} == PUBLISHED_DUALPROMPT
+    assert (cfg.prompt_selection, cfg.prediction, cfg.query_layers) == ('key', 'all', [-1])
+    assert cfg.seed == 3 and cfg.image_size == 64
     assert cfg.g_prompt_layers == [-1] and cfg.e_prompt_layers == [5, 6, 7]
     assert cfg.cbp_replacement_rate == 0.01
-    args = parser.parse_args(['--dataset', 'digits', '--tasks', '5',
-                              '--prediction', 'all'])
-    cfg = evaluate.learner_config(args, 'cbpnet', 0, 64)
-    assert (cfg.prompt_selection, cfg.prediction, cfg.cbp_enabled) == ('lda', 'all', True)
-    assert cfg.feature_replay_coeff == LearnerConfig().feature_replay_coeff > 0
-    assert cfg.g_prompt_first_task_only is True
-    args = parser.parse_args(['--dataset', 'digits', '--tasks', '5', '--recipe', 'faithful',
+    args = parser.parse_args(['--dataset', 'digits', '--tasks', '5', '--prediction', 'task',
+                              '--head-weight', '2', '--query-layers', 'prelogits'])
+    cfg = learner_config(args, 'cbpnet', 0, 64)
+    assert (cfg.prediction, cfg.head_weight, cfg.query_layers) == ('task', 2.0, [-1])
+    assert cfg.cbp_enabled is True
+    assert learner_config(args, 'cbpnet-nocbp', 0, 64).cbp_enabled is False
+    args = parser.parse_args(['--dataset', 'digits', '--tasks', '5', '--cbp', 'false',
                               '--feature-replay-coeff', '0.5', '--g-prompt-training',
-                              'first-task'])
-    cfg = evaluate.learner_config(args, 'cbpnet', 0, 64)
-    assert (cfg.prompt_selection, cfg.feature_replay_coeff) == ('key', 0.5)
-    assert cfg.g_prompt_first_task_only is True
+                              'every-task', '--train-cbp-block', 'no'])
+    cfg = learner_config(args, 'cbpnet', 0, 64)
+    assert (cfg.cbp_enabled, cfg.feature_replay_coeff) == (False, 0.5)
+    assert cfg.train_cbp_block is False
+    assert cfg.g_prompt_first_task_only is False
+    # Nothing given: the learner's own defaults (one source of truth).
+    args = parser.parse_args(['--dataset', 'digits', '--tasks', '5'])
+    assert learner_config(args, 'cbpnet', 0, 64) == LearnerConfig(image_size=64)
     assert evaluate.default_image_size('fashion-mnist', 0) == 64
     assert evaluate.default_image_size('folder:/x', 0) == 0
 
@@ -145,7 +156,7 @@ class ColourMean(nn.Module):
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
 
-    def query(self, x):
+    def query(self, x, taps=None):
         return x.mean(dim=(2, 3))
 
 
@@ -213,7 +224,11 @@ def test_baseline_features_are_the_learners_query_and_the_count_drops_the_classi
 # --------------------------------------------------------------------------- bad arguments
 
 @pytest.mark.parametrize('argv, message', [
-    (['--tasks', '5'], '--dataset and --tasks are required'),
+    (['--tasks', '5'], '--dataset is required'),
+    (['--dataset', 'digits'], '--tasks is required'),
+    (['--dataset', 'digits', '--tasks', '5', '--unknown-classes', '10'], 'leaves no class'),
+    (['--dataset', 'digits', '--tasks', '5', '--unknown-classes', '6'],
+     '--tasks 5 is more than the 4 classes to teach'),
     (['--dataset', 'digits', '--tasks', '0'], 'positive integer'),
     (['--dataset', 'digits', '--tasks', '5', '--method', 'cbpnet,l2p'], "unknown method 'l2p'"),
     (['--dataset', 'digits', '--tasks', '5', '--seeds', '0,x'], 'comma-separated integers'),
@@ -241,3 +256,138 @@ def test_missing_fashion_mnist_says_which_package_to_install(monkeypatch, capsys
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert 'Fashion-MNIST not found' in err and 'dataset-fashion-mnist' in err
+
+
+# ------------------------------------------------------------- closed-form baselines
+def _blobs(seed=0, n=12, noise=8.0):
+    """Four well separated colours: features far apart compared with their spread."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, rgb in COLOURS.items():
+        imgs = np.clip(np.array(rgb, float) + rng.normal(0, noise, (n, 8, 8, 3)), 0, 255)
+        out[name] = list(imgs.astype(np.uint8))
+    return out
+
+
+@pytest.mark.parametrize('cls, kwargs', [(StreamingLDA, {'shrinkage': 0.2}),
+                                         (RandomProjectionRidge, {'projection_dim': 64,
+                                                                  'ridge': 1e-3})])
+def test_closed_form_baselines_are_exact_on_separable_data(cls, kwargs):
+    train, test = _blobs(0), _blobs(1)
+    model = cls(ColourMean(), device='cpu', **kwargs)
+    model.learn_task(train['blue'] + train['green'], ['blue'] * 12 + ['green'] * 12)
+    model.learn_task(train['red'] + train['yellow'], ['red'] * 12 + ['yellow'] * 12)
+    names = list(COLOURS)
+    x = [img for name in names for img in test[name]]
+    y = [name for name in names for _ in test[name]]
+    assert model.evaluate(x, y) == 1.0
+    assert model.tasks == [['blue', 'green'], ['red', 'yellow']]
+
+
+def test_streaming_lda_equals_lda_fitted_on_everything_at_once():
+    train = _blobs(0, noise=30.0)
+    one = StreamingLDA(ColourMean(), device='cpu')
+    one.learn_task(train['blue'] + train['green'], ['blue'] * 12 + ['green'] * 12)
+    one.learn_task(train['red'] + train['yellow'], ['red'] * 12 + ['yellow'] * 12)
+    both = StreamingLDA(ColourMean(), device='cpu')
+    both.learn_task([img for n in COLOURS for img in train[n]],
+                    [n for n in COLOURS for _ in train[n]])
+    probe = [img for n in COLOURS for img in _blobs(2, noise=30.0)[n]]
+    order = [both.classes.index(c) for c in one.classes]
+    assert torch.allclose(one.scores(one.features(probe)),
+                          both.scores(both.features(probe))[:, order], atol=1e-4)
+
+
+def test_auroc_matches_the_definition():
+    assert auroc([0.1, 0.2], [0.3, 0.4]) == 1.0
+    assert auroc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert auroc([0.5, 0.5], [0.5]) == 0.5
+    rng = np.random.default_rng(0)
+    neg, pos = rng.normal(size=50), rng.normal(0.5, size=40)
+    brute = np.mean([[(p > n) + 0.5 * (p == n) for n in neg] for p in pos])
+    assert auroc(neg, pos) == pytest.approx(brute)
+
+
+# --------------------------------------------------------------------------- splits
+def test_validation_split_never_contains_a_test_image():
+    data = datasets.load_dataset('digits', seed=0)
+    val = validation_split(data, 0.2, seed=0)
+    assert val.name == 'digits[validation]'
+    assert len(val.train_labels) + len(val.test_labels) == len(data.train_labels)
+    train_rows = {img.tobytes() for img in data.train_images}
+    test_rows = {img.tobytes() for img in data.test_images} - train_rows
+    assert all(img.tobytes() in train_rows for img in val.test_images)
+    assert not any(img.tobytes() in test_rows for img in val.train_images)
+    assert not any(img.tobytes() in test_rows for img in val.test_images)
+    counts = np.bincount(val.test_labels) / np.bincount(data.train_labels)
+    assert np.allclose(counts, 0.2, atol=0.02)  # stratified
+
+
+def test_validation_runs_never_pass_a_test_image_to_a_model(folder, tmp_path, monkeypatch):
+    test_rows = set()
+    real_load = datasets.load_dataset
+
+    def load(*a, **kw):
+        data = real_load(*a, **kw)
+        test_rows.update(img.tobytes() for img in data.test_images)
+        return data
+    seen = []
+    real_learn, real_eval = StreamingLDA.learn_task, StreamingLDA.evaluate
+    monkeypatch.setattr(evaluate, 'load_dataset', load)
+    monkeypatch.setattr(StreamingLDA, 'learn_task', lambda self, x, y, **kw: (
+        seen.extend(x), real_learn(self, x, y, **kw))[1])
+    monkeypatch.setattr(StreamingLDA, 'evaluate', lambda self, x, y, **kw: (
+        seen.extend(x), real_eval(self, x, y, **kw))[1])
+    out = tmp_path / 'val.json'
+    assert main(['--dataset', f'folder:{folder}', '--tasks', '2', '--method', 'lda',
+                 '--split', 'validation', '--image-size', '32', '--device', 'cpu',
+                 '--quiet', '--out', str(out)]) == 0
+    assert seen and test_rows
+    assert not any(img.tobytes() in test_rows for img in seen)
+    assert json.loads(out.read_text())['split'] == 'validation'
+
+
+# ---------------------------------------------------------------- other protocols
+def test_unknown_classes_are_held_out_and_scored(folder, tmp_path):
+    out = tmp_path / 'open.json'
+    assert main(['--dataset', f'folder:{folder}', '--tasks', '1', '--unknown-classes', '2',
+                 '--method', 'cbpnet', '--image-size', '32', '--device', 'cpu',
+                 '--unknown-threshold', '3', '--quiet', '--out', str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r['task_classes'] == [['blue', 'green']]
+    assert r['unknown_classes'] == ['red', 'yellow']
+    # Flat colours: untaught colours are far from both taught ones.
+    assert r['unknown_auroc'] > 0.9 and r['mahalanobis_auroc'] > 0.5
+    assert r['unknown_threshold'] == 3.0
+    assert 0.0 <= r['known_rejected_rate'] <= 0.2 and r['unknown_rejected_rate'] > 0.5
+
+
+def test_joint_learns_all_seen_classes_at_once(folder, tmp_path):
+    out = tmp_path / 'joint.json'
+    assert main(['--dataset', f'folder:{folder}', '--tasks', '2', '--method', 'joint',
+                 '--image-size', '32', '--device', 'cpu', '--quiet', '--out', str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r['method'] == 'joint' and [len(row) for row in r['acc_matrix']] == [1, 2]
+    assert r['average_accuracy'] >= 0.75
+
+
+def test_lifetime_protocol_reports_every_task(folder, tmp_path):
+    out, plot = tmp_path / 'life.json', tmp_path / 'life.png'
+    assert main(['--dataset', f'folder:{folder}', '--protocol', 'lifetime',
+                 '--lifetime-tasks', '6', '--lifetime-train-per-class', '6',
+                 '--lifetime-test-per-class', '4', '--method', 'cbpnet,lda',
+                 '--prediction', 'task', '--epochs', '1', '--min-steps', '2',
+                 '--image-size', '32', '--device', 'cpu', '--quiet', '--out', str(out),
+                 '--plot', str(plot)]) == 0
+    data = json.loads(out.read_text())
+    learned, lda = data['runs']
+    assert learned['protocol'] == 'lifetime' and len(learned['lifetime']) == 6
+    for row in learned['lifetime']:
+        assert len(row['classes']) == 2 and row['classes'][0] != row['classes'][1]
+        assert 0.0 <= row['learning_accuracy'] <= 1.0
+        assert 0.0 <= row['dormant_fraction'] <= 1.0
+        assert 1.0 <= row['effective_rank'] <= row['hidden_units']
+    # Flat colours under fresh labels: each new pair is told apart.
+    assert lda['learning_accuracy'] > 0.9
+    assert 'dormant_fraction' not in lda['lifetime'][0]
+    assert plot.read_bytes().startswith(PNG_MAGIC)

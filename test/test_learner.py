@@ -14,7 +14,9 @@ from ros2_cbpnet.learner import (ContinualLearner, LearnerBusyError, LearnerConf
                                  LearningError)
 from ros2_cbpnet.model import load_backbone
 
-FAST = dict(image_size=48, epochs=3, batch_size=16, learning_rate=0.01)
+#: The learned recipe (prompts, CBP block and head trained), small and quick.
+FAST = dict(image_size=48, epochs=3, batch_size=16, learning_rate=0.01, prediction='task',
+            min_steps=0)
 
 
 @pytest.fixture(scope='module')
@@ -252,7 +254,7 @@ def test_learning_with_a_tiny_vit_mixes_prompts_per_sample():
                 for _ in range(n)]
     learner.learn_task(blobs((250, 0, 0), 8) + blobs((0, 250, 0), 8), ['r'] * 8 + ['g'] * 8)
     learner.learn_task(blobs((0, 0, 250), 8) + blobs((250, 250, 250), 8), ['b'] * 8 + ['w'] * 8)
-    assert learner.state.first_layer == 0 and learner.state.e_prompt_layers == [2, 3, 4]
+    assert learner.state.first_layer == 0 and learner.state.prompts.e_prompt_layers == [2, 3, 4]
     preds = learner.predict(blobs((250, 0, 0), 2) + blobs((0, 0, 250), 2))
     assert [p.task_id for p in preds] == [0, 0, 1, 1]
     assert len({p.label for p in preds}) >= 2
@@ -266,21 +268,57 @@ def test_parameter_counts_exclude_the_imagenet_classifier(backbone):
     assert 0 < counts['trainable_params'] < counts['backbone_params']
 
 
-def test_prediction_threads_see_a_consistent_model(two_tasks, digits):
-    learner, _, _ = two_tasks
-    x, _ = _task(digits, [0, 3], 'test', per_class=2)
-    errors = []
+def test_prediction_threads_see_a_consistent_model_while_tasks_are_swapped_in(backbone,
+                                                                              digits):
+    """Predictions made while other threads learn tasks always come from one whole model:
+    each names only classes of the model version it reports."""
+    learner = _learner(backbone, prediction='stats')
+    learner.learn_task(*_task(digits, [0, 1], per_class=10))
+    classes_of = {learner.model_version: set(learner.classes)}
+    x, _ = _task(digits, [0, 2, 4, 6, 8], 'test', per_class=2)
+    stop, errors, versions = threading.Event(), [], set()
 
-    def worker():
+    def predictor():
         try:
-            for _ in range(3):
-                assert len(learner.predict(x)) == len(x)
+            while not stop.is_set():
+                for p in learner.predict(x, top_k=3):
+                    versions.add(p.model_version)
+                    names = {p.label} | {c for c, _ in p.topk}
+                    assert names <= classes_of[p.model_version], (p, p.model_version)
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    start = time.monotonic()
+    threads = [threading.Thread(target=predictor) for _ in range(2)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors and time.monotonic() - start < 60
+    try:
+        for classes in ([2, 3], [4, 5], [6, 7]):
+            # Registered before the swap, so a reader never meets an unknown version.
+            classes_of[learner.model_version + 1] = set(learner.classes) | {
+                digits.classes[c] for c in classes}
+            learner.learn_task(*_task(digits, classes, per_class=10))
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors[:1]
+    assert len(versions) >= 3  # the readers really saw models being swapped in
+
+
+def test_statistics_recipe_trains_nothing_and_learns_from_statistics(backbone, digits):
+    """The default recipe: a task only updates the class statistics (no optimiser step), and
+    predictions come from the closed-form LDA over the multi-layer query."""
+    learner = ContinualLearner(LearnerConfig(image_size=48), backbone=backbone)
+    assert learner.config.prediction == 'stats'
+    assert learner.config.query_layers == backbone.default_query_layers() == [3, 4, 5, 6, 7]
+    before = {k: v.clone() for k, v in learner.state.cbp.state_dict().items()}
+    steps = []
+    result = learner.learn_task(*_task(digits, [0, 1, 2], per_class=30),
+                                progress=steps.append)
+    assert steps == [] and result.epochs == 0 and result.replaced_units == 0
+    after = learner.state.cbp.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not bool(learner.state.task_trained[0])
+    learner.learn_task(*_task(digits, [3, 4, 5], per_class=30))
+    acc = learner.evaluate(*_task(digits, [0, 1, 2, 3, 4, 5], 'test'))
+    assert acc > 0.9, acc

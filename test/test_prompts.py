@@ -35,6 +35,11 @@ def test_empty_prefix_reproduces_the_frozen_backbone(vit):
         assert torch.allclose(vit.forward_prompted(x, empty), _timm_features(vit, x), atol=1e-5)
 
 
+def _features(st, bb, x, task_ids):
+    """The CBP block's output for a batch, each sample with its own E-prompt."""
+    return st.cbp(st.prompted_features(bb, bb.trunk(x, st.first_layer), task_ids))
+
+
 def _state(bb, **kw):
     torch.manual_seed(1)
     st = CBPNet(bb, **kw)
@@ -42,7 +47,7 @@ def _state(bb, **kw):
         st.add_task()
         st.add_classes(2, t)
     with torch.no_grad():
-        for e in st.e_prompts:  # make each task's prompts clearly different
+        for e in st.prompts.e_prompts:  # make each task's prompts clearly different
             for p in e.values():
                 p.add_(torch.randn_like(p))
     return st.eval()
@@ -53,10 +58,9 @@ def test_batch_mixing_e_prompts_equals_each_sample_alone(vit):
     x = torch.randn(4, 3, 32, 32)
     task_ids = torch.tensor([2, 0, 1, 0])
     with torch.no_grad():
-        mixed = st.features(vit, vit.trunk(x, st.first_layer), task_ids)
-        alone = torch.cat([st.features(vit, vit.trunk(x[i:i + 1], st.first_layer),
-                                       task_ids[i:i + 1]) for i in range(4)])
-        swapped = st.features(vit, vit.trunk(x, st.first_layer), task_ids.flip(0))
+        mixed = _features(st, vit, x, task_ids)
+        alone = torch.cat([_features(st, vit, x[i:i + 1], task_ids[i:i + 1]) for i in range(4)])
+        swapped = _features(st, vit, x, task_ids.flip(0))
     assert torch.allclose(mixed, alone, atol=1e-5)
     # The prompts matter: another assignment of tasks gives other features.
     assert not torch.allclose(mixed, swapped, atol=1e-3)
@@ -66,7 +70,7 @@ def test_prefix_keeps_sequence_length_and_changes_output(vit):
     st = _state(vit, g_prompt_layers=[0], e_prompt_layers=[1])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        prompted = st.features(vit, vit.trunk(x, st.first_layer), torch.tensor([0, 0]))
+        prompted = _features(st, vit, x, torch.tensor([0, 0]))
     assert prompted.shape == (2, vit.feature_dim)
     assert not torch.allclose(prompted, _timm_features(vit, x), atol=1e-3)
 
@@ -79,13 +83,13 @@ def test_cnn_zero_prompts_are_identity_and_mixed_batch_is_per_sample(cnn):
     st.eval()
     with torch.no_grad():
         z = cnn.prompted_from_trunk(cnn.trunk(x, st.first_layer), st.first_layer,
-                                    st.prompts_for(torch.tensor([0, 0, 0])))
+                                    st.prompts.prompts_for(torch.tensor([0, 0, 0])))
         assert torch.allclose(z, _timm_features(cnn, x), atol=1e-5)
     st = _state(cnn, g_prompt_layers=[5], e_prompt_layers=[6, 7])
     ids = torch.tensor([1, 2, 0])
     with torch.no_grad():
-        mixed = st.features(cnn, cnn.trunk(x, st.first_layer), ids)
-        alone = torch.cat([st.features(cnn, cnn.trunk(x[i:i + 1], st.first_layer), ids[i:i + 1])
+        mixed = _features(st, cnn, x, ids)
+        alone = torch.cat([_features(st, cnn, x[i:i + 1], ids[i:i + 1])
                            for i in range(3)])
     assert torch.allclose(mixed, alone, atol=1e-4)
 
@@ -102,17 +106,17 @@ def test_new_e_prompt_starts_from_the_previous_one_with_a_fresh_key(vit):
     st = CBPNet(vit, g_prompt_layers=[0], e_prompt_layers=[1, 2])
     st.add_task()
     with torch.no_grad():
-        st.e_prompts[0]['1'].fill_(0.25)
+        st.prompts.e_prompts[0]['1'].fill_(0.25)
     st.add_task()
-    assert torch.equal(st.e_prompts[1]['1'], st.e_prompts[0]['1'])
-    assert st.e_prompts[1]['1'] is not st.e_prompts[0]['1']
-    assert not torch.equal(st.prompt_keys[0], st.prompt_keys[1])
-    assert st.e_prompts[0]['2'].shape == (2, 5, vit.embed_dim)
+    assert torch.equal(st.prompts.e_prompts[1]['1'], st.prompts.e_prompts[0]['1'])
+    assert st.prompts.e_prompts[1]['1'] is not st.prompts.e_prompts[0]['1']
+    assert not torch.equal(st.prompts.prompt_keys[0], st.prompts.prompt_keys[1])
+    assert st.prompts.e_prompts[0]['2'].shape == (2, 5, vit.embed_dim)
 
 
 def test_key_selection_picks_the_most_similar_key(vit):
     st = _state(vit, prompt_selection='key', g_prompt_layers=[0], e_prompt_layers=[1])
-    keys = torch.stack(list(st.prompt_keys)).detach()
+    keys = torch.stack(list(st.prompts.prompt_keys)).detach()
     queries = keys[[2, 0, 1]] * 3.0 + 0.01 * torch.randn(3, keys.shape[1])
     post = st.task_posterior(queries)
     assert post.argmax(1).tolist() == [2, 0, 1]
@@ -126,7 +130,7 @@ def test_class_statistics_select_the_task_of_the_nearest_class(vit, mode):
     centres = torch.randn(6, d) * 3
     labels = torch.arange(6).repeat_interleave(20)
     feats = centres[labels] + 0.3 * torch.randn(len(labels), d)
-    st.add_class_statistics(labels, feats)
+    st.stats.add(labels, feats)
     probe = centres[[5, 0, 3]] + 0.3 * torch.randn(3, d)
     post = st.task_posterior(probe)
     assert post.argmax(1).tolist() == [2, 0, 1]  # classes 5, 0, 3 belong to tasks 2, 0, 1
@@ -137,7 +141,7 @@ def test_task_conditional_prediction_is_a_distribution(vit):
     st = _state(vit, prompt_selection='lda', prediction='task', g_prompt_layers=[0],
                 e_prompt_layers=[1])
     labels = torch.arange(6).repeat_interleave(5)
-    st.add_class_statistics(labels, torch.randn(30, vit.feature_dim))
+    st.stats.add(labels, torch.randn(30, vit.feature_dim))
     probs, task_ids = st.predict(vit, torch.randn(4, 3, 32, 32))
     assert probs.shape == (4, 6) and task_ids.shape == (4,)
     assert torch.allclose(probs.sum(1), torch.ones(4), atol=1e-4)
@@ -147,11 +151,11 @@ def test_growth_keeps_old_head_rows(vit):
     st = CBPNet(vit, g_prompt_layers=[0], e_prompt_layers=[1])
     st.add_task()
     st.add_classes(2, 0)
-    old = st.head_weight.detach().clone()
+    old = st.head.weight.detach().clone()
     st.add_task()
     st.add_classes(3, 1)
     assert st.num_classes == 5 and st.class_task.tolist() == [0, 0, 1, 1, 1]
-    assert torch.equal(st.head_weight[:2], old)
+    assert torch.equal(st.head.weight[:2], old)
 
 
 def test_out_of_range_prompt_layer_is_refused(vit):

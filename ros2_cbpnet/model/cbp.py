@@ -99,6 +99,15 @@ class CBPBlock(nn.Module):
                            torch.zeros_like(self.mean_activation))
 
     @torch.no_grad()
+    def hidden(self, z: torch.Tensor) -> torch.Tensor:
+        """The hidden units' activations ``relu(W1 z + b1)`` for a batch (no side effects)."""
+        return torch.relu(self.fc1(z))
+
+    def discard_activation(self) -> None:
+        """Drop the remembered activations of a batch whose optimiser step was skipped."""
+        self._activation = None
+
+    @torch.no_grad()
     def update_utility(self) -> None:
         """Fold the last training batch into age, utility and mean activation.
 

@@ -1,104 +1,86 @@
-r"""``cbpnet-eval``: offline class-incremental evaluation of CBPNet and its baselines (no ROS).
+r"""``cbpnet-eval``: offline evaluation of CBPNet and its baselines (no ROS).
 
-Protocol (design.md section 2.3): the data set's classes are split into ``--tasks``
-consecutive groups by :func:`ros2_cbpnet.datasets.split_tasks` in the data set's documented
-class order (digits ``0..9``; Fashion-MNIST's standard label order; folders: sorted sub-folder
-names), earlier tasks taking the extra class when the split is uneven. Tasks are learned one
-after the other; after task ``i`` every earlier task ``j <= i`` is tested over *all* classes
-seen so far, with no task id (class-incremental), giving ``acc_matrix[i][j]``.
+Protocols (``--protocol``):
 
-Methods (all share one loaded backbone):
+- ``incremental`` (default; design.md section 2.3): the data set's classes are split into
+  ``--tasks`` consecutive groups in the data set's documented class order (digits ``0..9``;
+  Fashion-MNIST's standard label order; folders: sorted sub-folder names). Tasks are learned
+  one after the other; after task ``i`` every task ``j <= i`` is tested over *all* classes seen
+  so far, with no task id, giving ``acc_matrix[i][j]``. ``--unknown-classes K`` holds the last
+  K classes out of training and scores the novelty of taught against held-out test frames
+  (``unknown_auroc``, ``known_rejected_rate`` at the learner's ``unknown_threshold``, and
+  ``mahalanobis_auroc`` of the obvious baseline, Mahalanobis distance on the pre-logits
+  feature).
+- ``lifetime``: ``--lifetime-tasks`` (default 50) pairs of classes drawn at random, each under
+  labels new to the learner, as Dohare et al. (Nature 2024) build Continual ImageNet; per
+  task the learning accuracy (among the task's two classes, right after learning it), the
+  CBP block's dormant fraction and the effective rank of its hidden units.
 
-- ``cbpnet``: the learner with the CBP block replacing units (``cbp_enabled=True``).
-- ``dualprompt``: the same pipeline with ``cbp_enabled=False`` (same block, never replaced).
-- ``linear``: frozen query features + a linear head trained task by task (masked CE).
-- ``ncm``: nearest class mean of the frozen query features (cosine by default).
+Methods: see :mod:`ros2_cbpnet.tools.eval_methods` (``cbpnet``, ``cbpnet-nocbp``,
+``dualprompt``, ``joint``, ``lda``, ``ranpac``, ``ncm``, ``linear``). Every option that maps
+onto a :class:`~ros2_cbpnet.learner.LearnerConfig` field overrides it for the learner methods.
 
-``--recipe`` picks how the two prompt methods run: ``cbpnet`` (default, this project's
-improvements: LDA prompt selection, task-conditional prediction, feature replay of earlier
-classes through the CBP block and head, G-prompt trained on the first task only) or
-``faithful`` (the paper's DualPrompt recipe: key selection, softmax over all classes, no
-replay, G-prompt trained on every task). ``--prompt-selection``, ``--prediction``,
-``--feature-replay-coeff`` and ``--g-prompt-training`` override single parts.
+Splits: ``--split test`` (default) reports on the data set's test images; ``--split
+validation`` carves ``--validation-fraction`` of each class's *training* images as the
+evaluation set and drops the test images before anything runs. Every sweep that chooses a
+default uses ``--split validation``; the result records ``split``.
 
-Seeds: ``--seed S`` or ``--seeds 0,1,2``. A seed sets the train/test split (where one is
-made) and the per-class subsample of the data set, and the training randomness of every
-method; all methods of one seed see exactly the same images, so they can be compared pairwise.
+Seeds: ``--seed S`` or ``--seeds 0,1,2``. A seed sets the train/test split (where one is made),
+the per-class subsample and the training randomness of every method; all methods of one seed
+see exactly the same images, so they can be compared pairwise.
 
-Defaults: ``--image-size`` 64 for ``digits`` (8x8 images upsampled) and ``fashion-mnist``
-(28x28 upsampled; 64 px keeps a 2-core CPU run to minutes and Lite0's stride-32 feature map
-at 2x2), the backbone's default input size for ``folder:`` data; epochs, batch size and
-learning rate from :class:`~ros2_cbpnet.learner.LearnerConfig`.
+Defaults: ``--image-size`` 64 for ``digits`` and ``fashion-mnist``, the backbone's default for
+``folder:`` data.
 
 Output: a readable accuracy matrix and summary line per run on stdout, a progress bar on
-stderr, and with ``--out`` a JSON file. One (method, seed) run writes one object with the
-interface keys (``method, dataset, backbone, tasks, classes_per_task, acc_matrix,
-average_accuracy, forgetting, learning_accuracy, trainable_params, backbone_params,
-train_seconds``) plus ``seed, recipe, label, config, replaced_units`` and more. Several runs
-write ``{"runs": [one such object per run], "summary": {label: {metric: {"mean", "std",
-"values"}}}}`` (std is the sample standard deviation over seeds, 0 for one seed).
-``classes_per_task`` is an int when every task has the same number of classes, else a list.
-While a multi-run job is still going, ``--out`` already holds the finished runs (with
-``"partial": true``), so a killed job loses only the run in progress.
-
-``--compare a.json b.json [--plot p.png] [--out all.json]`` runs nothing: it reads earlier
-result files (either form) and prints/plots them together, one line per method.
+stderr, and with ``--out`` a JSON file: one result object per run, or ``{"runs": [...],
+"summary": {label: {metric: {"mean", "std", "values"}}}}`` for several (std is the sample
+standard deviation over seeds). While a multi-run job is going, ``--out`` already holds the
+finished runs (``"partial": true``). ``--compare a.json b.json [--plot p.png]`` runs nothing:
+it prints and plots earlier result files together.
 
 Example:
-    cbpnet-eval --dataset digits --tasks 5 --method cbpnet,dualprompt,ncm --seeds 0,1,2 \\
+    cbpnet-eval --dataset digits --tasks 5 --method cbpnet,lda,ranpac,ncm --seeds 0,1,2 \\
         --out results/digits.json --plot results/digits.png
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
-import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..baselines import (BASELINES, NCM_METRICS, FrozenFeatureBaseline,
-                         backbone_params_without_classifier)
-from ..datasets import DatasetError, ImageDataset, load_dataset, split_tasks, task_subset
-from ..learner import ContinualLearner, LearnerConfig, LearningError, Progress
-from ..metrics import format_matrix, summarize
-from ..model.backbones import EMBEDDED_BACKBONE, Backbone, BackboneLoadError, load_backbone
+from ..baselines import NCM_METRICS
+from ..datasets import DatasetError, ImageDataset, load_dataset, split_tasks
+from ..learner import LearnerConfig, LearningError
+from ..metrics import format_matrix
+from ..model.backbones import EMBEDDED_BACKBONE, BackboneLoadError, load_backbone
 from ..model.cbpnet import PREDICTION_MODES, SELECTION_MODES
-from ..progress import ProgressBar
+from .eval_methods import LEARNER_METHODS, METHODS, learner_config
+from .eval_protocols import run_incremental, run_lifetime, validation_split
 
 __all__ = [
-    'INTERFACE_KEYS', 'LEARNER_METHODS', 'METHODS', 'METRICS', 'RECIPES', 'build_parser',
-    'code_fingerprint', 'default_image_size', 'format_summary', 'learner_config',
-    'load_results', 'main', 'make_model', 'run_label', 'run_method', 'summarize_runs',
+    'INTERFACE_KEYS', 'METHODS', 'METRICS', 'build_parser', 'code_fingerprint',
+    'default_image_size', 'format_summary', 'load_results', 'main', 'run_label',
+    'summarize_runs',
 ]
 
 PROG = 'cbpnet-eval'
-METHODS = ('cbpnet', 'dualprompt', 'linear', 'ncm')
-LEARNER_METHODS = ('cbpnet', 'dualprompt')
-#: LearnerConfig fields each recipe sets (see the module docstring). ``cbpnet`` keeps the
-#: learner's drift control at its defaults; ``faithful`` switches it off, as in the paper.
-_DEFAULT_REPLAY = getattr(LearnerConfig(), 'feature_replay_coeff', 1.0)
-RECIPES: Dict[str, Dict[str, Any]] = {
-    'cbpnet': {'prompt_selection': 'lda', 'prediction': 'task',
-               'feature_replay_coeff': _DEFAULT_REPLAY,
-               'g_prompt_first_task_only': True},
-    'faithful': {'prompt_selection': 'key', 'prediction': 'all',
-                 'feature_replay_coeff': 0.0, 'g_prompt_first_task_only': False},
-}
 METRICS = ('average_accuracy', 'forgetting', 'learning_accuracy')
-#: The keys interface.md promises in every result object.
+#: Extra metrics summarised when present (open world, lifetime).
+EXTRA_METRICS = ('unknown_auroc', 'known_rejected_rate', 'unknown_rejected_rate',
+                 'mahalanobis_auroc', 'first10_learning_accuracy', 'last10_learning_accuracy')
+#: The keys interface.md promises in every incremental result object.
 INTERFACE_KEYS = ('method', 'dataset', 'backbone', 'tasks', 'classes_per_task', 'acc_matrix',
                   'average_accuracy', 'forgetting', 'learning_accuracy', 'trainable_params',
                   'backbone_params', 'train_seconds')
 _BUILTIN_IMAGE_SIZE = {'digits': 64, 'fashion-mnist': 64}
-
-Model = Union[ContinualLearner, FrozenFeatureBaseline]
 
 
 # ------------------------------------------------------------------------ arguments
@@ -194,18 +176,39 @@ def _layer_list(text: str) -> List[int]:
     return layers
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ('1', 'true', 'yes', 'on'):
+        return True
+    if value in ('0', 'false', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+
+
+def _query_layers(text: str) -> List[int]:
+    """'3,4,5' -> [3, 4, 5]; 'prelogits' or 'last' -> [-1] (the last layer alone)."""
+    if text.strip().lower() in ('prelogits', 'last', '-1'):
+        return [-1]
+    layers = _layer_list(text)
+    if layers == [-1]:
+        raise argparse.ArgumentTypeError('the query needs at least one layer')
+    return layers
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cbpnet-eval`` argument parser."""
     d = LearnerConfig()
     p = argparse.ArgumentParser(
-        prog=PROG, description='Offline class-incremental evaluation of CBPNet and baselines '
-        "(no ROS). Tasks are consecutive groups of classes in the data set's documented "
-        'order; after each task all seen tasks are tested over all seen classes.',
-        epilog='Example: cbpnet-eval --dataset digits --tasks 5 --method cbpnet,dualprompt '
+        prog=PROG, description='Offline continual-learning evaluation of CBPNet and baselines '
+        '(no ROS): class-incremental tasks, open-world novelty, or a long lifetime stream.',
+        epilog='Example: cbpnet-eval --dataset digits --tasks 5 --method cbpnet,lda,ranpac '
         '--seeds 0,1,2 --out results/digits.json --plot results/digits.png')
     g = p.add_argument_group('experiment')
     g.add_argument('--dataset', help="'digits', 'fashion-mnist' or 'folder:PATH'")
-    g.add_argument('--tasks', type=_positive_int, help='number of tasks (<= number of classes)')
+    g.add_argument('--protocol', choices=('incremental', 'lifetime'), default='incremental',
+                   help='incremental (default) or lifetime (a long stream of class pairs)')
+    g.add_argument('--tasks', type=_positive_int,
+                   help='number of tasks of the incremental protocol (<= classes taught)')
     g.add_argument('--method', type=_method_list, default=['cbpnet'],
                    help=f'one or several comma-separated of {",".join(METHODS)} '
                    '(default cbpnet); they share the loaded backbone')
@@ -220,53 +223,91 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument('--seed', type=int, default=None, help='one seed (default 0)')
     seeds.add_argument('--seeds', type=_seed_list, default=None,
                        help='several seeds, e.g. 0,1,2: repeat and report mean +- std')
+    g.add_argument('--split', choices=('test', 'validation'), default='test',
+                   help='evaluate on the test images (default), or on a validation set carved '
+                   'from the training images (the test images are then never loaded into a '
+                   'model); every sweep uses validation')
+    g.add_argument('--validation-fraction', type=_fraction, default=0.2,
+                   help='share of each class\'s training images held out by --split '
+                   'validation (default 0.2)')
     g.add_argument('--train-per-class', type=_positive_int, default=None,
-                   help='keep at most N random training images per class')
+                   help='keep at most N random training images per class (few-shot: 5, 10, 20)')
     g.add_argument('--test-per-class', type=_positive_int, default=None,
                    help='keep at most N random test images per class')
+    g.add_argument('--unknown-classes', type=_non_negative_int, default=0,
+                   help='hold the last K classes out of training and score the novelty of '
+                   'their test frames against the taught ones')
+    g.add_argument('--lifetime-tasks', type=_positive_int, default=50,
+                   help='tasks of the lifetime protocol (default 50)')
+    g.add_argument('--lifetime-train-per-class', type=_positive_int, default=30,
+                   help='training images per class and task in the lifetime protocol')
+    g.add_argument('--lifetime-test-per-class', type=_positive_int, default=50,
+                   help='test images per class and task in the lifetime protocol')
     g.add_argument('--device', default='auto', help='auto, cpu or cuda[:N] (default auto)')
     g.add_argument('--threads', type=_non_negative_int, default=0,
                    help='torch CPU threads (0 = torch default)')
 
-    t = p.add_argument_group('training')
-    t.add_argument('--epochs', type=_positive_int, default=d.epochs,
+    t = p.add_argument_group('learner (each overrides the LearnerConfig default and the '
+                             "method's recipe)")
+    t.add_argument('--epochs', type=_positive_int, default=None,
                    help=f'epochs per task (default {d.epochs})')
-    t.add_argument('--batch-size', type=_positive_int, default=d.batch_size,
+    t.add_argument('--min-steps', type=_non_negative_int, default=None,
+                   help=f'optimiser steps per task at least (default {d.min_steps})')
+    t.add_argument('--batch-size', type=_positive_int, default=None,
                    help=f'default {d.batch_size}')
-    t.add_argument('--lr', type=_positive_float, default=d.learning_rate,
+    t.add_argument('--lr', type=_positive_float, default=None,
                    help=f'Adam learning rate (default {d.learning_rate})')
-    t.add_argument('--recipe', choices=sorted(RECIPES), default='cbpnet',
-                   help='cbpnet: LDA selection + task-conditional prediction (default); '
-                   "faithful: the paper's DualPrompt key selection + prediction over all "
-                   'classes')
-    t.add_argument('--prompt-selection', choices=SELECTION_MODES, default=None,
-                   help="override the recipe's E-prompt selection")
     t.add_argument('--prediction', choices=PREDICTION_MODES, default=None,
-                   help="override the recipe's prediction")
+                   help=f'stats, task or all (default {d.prediction})')
+    t.add_argument('--head-weight', type=_non_negative_float, default=None,
+                   help=f'weight of the prompted head in task prediction '
+                   f'(default {d.head_weight})')
+    t.add_argument('--prompt-selection', choices=SELECTION_MODES, default=None,
+                   help=f'E-prompt selection (default {d.prompt_selection})')
+    t.add_argument('--query-layers', type=_query_layers, default=None,
+                   help="layers of the frozen query, e.g. 3,4,5,6,7, or 'prelogits' "
+                   '(default: the family default)')
+    t.add_argument('--lda-shrinkage', type=_fraction, default=None,
+                   help=f'LDA covariance shrinkage (default {d.lda_shrinkage}); also the '
+                   'lda baseline\'s')
     t.add_argument('--feature-replay-coeff', type=_non_negative_float, default=None,
-                   help="override the recipe's weight of the replay of earlier classes' "
-                   'features (0 = off)')
+                   help='weight of the replay of earlier classes\' features (0 = off)')
     t.add_argument('--g-prompt-training', choices=('first-task', 'every-task'), default=None,
-                   help="override the recipe's G-prompt training")
+                   help='G-prompt training')
     t.add_argument('--g-prompt-layers', type=_layer_list, default=None,
                    help="G-prompt layers, e.g. 5, or 'none' (default: the family default)")
     t.add_argument('--e-prompt-layers', type=_layer_list, default=None,
                    help='E-prompt layers, e.g. 6,7 (default: the family default)')
-    t.add_argument('--cbp-hidden-units', type=_positive_int, default=d.cbp_hidden_units,
+    t.add_argument('--train-cbp-block', type=_bool, default=None,
+                   help='train the CBP block (false: it stays the identity)')
+    t.add_argument('--cbp', type=_bool, default=None,
+                   help='continual backpropagation on or off (cbpnet-nocbp: always off)')
+    t.add_argument('--cbp-hidden-units', type=_positive_int, default=None,
                    help=f'CBP block width (default {d.cbp_hidden_units})')
-    t.add_argument('--cbp-replacement-rate', type=_fraction, default=d.cbp_replacement_rate,
+    t.add_argument('--cbp-replacement-rate', type=_fraction, default=None,
                    help=f'default {d.cbp_replacement_rate}')
-    t.add_argument('--cbp-maturity-threshold', type=_non_negative_int,
-                   default=d.cbp_maturity_threshold,
+    t.add_argument('--cbp-maturity-threshold', type=_non_negative_int, default=None,
                    help=f'default {d.cbp_maturity_threshold}')
-    t.add_argument('--cbp-decay-rate', type=float, default=d.cbp_decay_rate,
+    t.add_argument('--cbp-decay-rate', type=float, default=None,
                    help=f'utility decay in (0, 1) (default {d.cbp_decay_rate})')
-    t.add_argument('--ncm-metric', choices=NCM_METRICS, default='cosine',
+    t.add_argument('--unknown-threshold', type=float, default=None,
+                   help=f'novelty threshold (default {d.unknown_threshold}; <= 0 = off)')
+
+    b = p.add_argument_group('baselines')
+    b.add_argument('--baseline-query', choices=('prelogits', 'multilayer'), default='prelogits',
+                   help="the baselines' frozen query: the backbone's pre-logits feature "
+                   "(default) or CBPNet's multi-layer query")
+    b.add_argument('--ncm-metric', choices=NCM_METRICS, default='cosine',
                    help='distance of the ncm baseline (default cosine)')
+    b.add_argument('--ranpac-dim', type=_positive_int, default=2000,
+                   help='random projection size of the ranpac baseline (default 2000)')
+    b.add_argument('--ranpac-ridge', type=_positive_float, default=0.1,
+                   help='ridge of the ranpac baseline, relative to the mean Gram diagonal '
+                   '(default 0.1)')
 
     o = p.add_argument_group('output')
     o.add_argument('--out', help='write the results JSON here')
-    o.add_argument('--plot', help='write an accuracy plot (PNG) here')
+    o.add_argument('--plot', help='write a plot (PNG) here')
     o.add_argument('--compare', nargs='+', metavar='JSON',
                    help='run nothing: print and plot (with --plot) earlier result files '
                    'together, one line per method')
@@ -289,34 +330,6 @@ def default_image_size(dataset: str, requested: int) -> int:
     return _BUILTIN_IMAGE_SIZE.get(dataset.strip().lower().replace('_', '-'), 0)
 
 
-def learner_config(args: argparse.Namespace, method: str, seed: int,
-                   image_size: int) -> LearnerConfig:
-    """The :class:`LearnerConfig` of one run from the parsed arguments."""
-    recipe = dict(RECIPES[args.recipe])
-    overrides = {'prompt_selection': args.prompt_selection, 'prediction': args.prediction,
-                 'feature_replay_coeff': args.feature_replay_coeff,
-                 'g_prompt_first_task_only': None if args.g_prompt_training is None
-                 else args.g_prompt_training == 'first-task'}
-    recipe.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(LearnerConfig)}
-    changes: Dict[str, Any] = {k: v for k, v in recipe.items() if k in known}
-    changes.update(
-        backbone=args.backbone, backbone_checkpoint=args.backbone_checkpoint,
-        device=args.device, image_size=image_size, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.lr,
-        cbp_enabled=method != 'dualprompt', cbp_hidden_units=args.cbp_hidden_units,
-        cbp_replacement_rate=args.cbp_replacement_rate,
-        cbp_maturity_threshold=args.cbp_maturity_threshold,
-        cbp_decay_rate=args.cbp_decay_rate, seed=seed)
-    if args.g_prompt_layers is not None:
-        changes['g_prompt_layers'] = args.g_prompt_layers
-    if args.e_prompt_layers is not None:
-        if args.e_prompt_layers == [-1]:
-            raise ValueError('--e-prompt-layers cannot be none: every task has an E-prompt')
-        changes['e_prompt_layers'] = args.e_prompt_layers
-    return LearnerConfig().replace(**changes)
-
-
 # ------------------------------------------------------------------------ running
 def code_fingerprint() -> str:
     """Short hash of the learner, model and baseline sources, stored with every result.
@@ -326,8 +339,9 @@ def code_fingerprint() -> str:
     """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.sha1()
-    for rel in ('learner.py', 'baselines.py', 'model/backbones.py', 'model/cbp.py',
-                'model/cbpnet.py'):
+    for rel in ('learner.py', 'learner_config.py', 'training.py', 'baselines.py',
+                'model/backbones.py', 'model/cbp.py', 'model/cbpnet.py', 'model/head.py',
+                'model/prompts.py', 'model/statistics.py'):
         try:
             with open(os.path.join(root, rel), 'rb') as fh:
                 digest.update(fh.read())
@@ -336,125 +350,13 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def make_model(method: str, config: LearnerConfig, backbone: Backbone, *,
-               ncm_metric: str = 'cosine') -> Model:
-    """A fresh learner or baseline for ``method`` on the shared ``backbone``."""
-    # The learner draws its initial CBP block from the global RNG without seeding it; seed
-    # here so runs repeat and cbpnet/dualprompt of one seed start from the same block.
-    torch.manual_seed(config.seed)
-    if method in LEARNER_METHODS:
-        return ContinualLearner(config.replace(cbp_enabled=method == 'cbpnet'), backbone)
-    common = dict(image_size=config.image_size, device=config.device, seed=config.seed)
-    if method == 'ncm':
-        return BASELINES['ncm'](backbone, metric=ncm_metric, **common)
-    if method == 'linear':
-        return BASELINES['linear'](backbone, epochs=config.epochs, batch_size=config.batch_size,
-                                   learning_rate=config.learning_rate,
-                                   grad_clip_norm=config.grad_clip_norm, **common)
-    raise ValueError(f'unknown method {method!r}')
-
-
 def run_label(result: Dict[str, Any]) -> str:
-    """Display name of a run.
-
-    The method, then the recipe when it is not the default one, then the run's ``tag``.
-    """
+    """Display name of a run: the method, the baselines' multi-layer query, the ``tag``."""
     label = str(result.get('method', '?'))
-    recipe = result.get('recipe')
-    if label in LEARNER_METHODS and recipe and recipe != 'cbpnet':
-        label = f'{label} ({recipe})'
+    config = result.get('config') or {}
+    if label not in LEARNER_METHODS and config.get('query_layers'):
+        label = f'{label} (multi-layer)'
     return f'{label} [{result["tag"]}]' if result.get('tag') else label
-
-
-def _steps(n: int, config: LearnerConfig, method: str) -> int:
-    if method == 'ncm':
-        return 1
-    return math.ceil(n / config.batch_size) * config.epochs
-
-
-def run_method(method: str, data: ImageDataset, tasks: Sequence[Sequence[int]],
-               config: LearnerConfig, backbone: Backbone, *, dataset: str,
-               recipe: str = 'cbpnet', ncm_metric: str = 'cosine',
-               progress: bool = True, tag: str = '') -> Dict[str, Any]:
-    """Learn ``tasks`` one by one with ``method`` and test after each; the result dict.
-
-    Args:
-        method: one of :data:`METHODS`.
-        data: the loaded data set (its split and subsample already seeded).
-        tasks: class ids per task, e.g. from :func:`split_tasks`.
-        config: learner configuration (baselines take image size, device, seed, epochs,
-            batch size and learning rate from it).
-        backbone: the shared frozen backbone.
-        dataset: the data set spec, recorded in the result.
-        recipe: recorded in the result (the config already holds its effect).
-        ncm_metric: distance of the ``ncm`` baseline.
-        progress: draw a progress bar on stderr.
-        tag: appended to the label (see :func:`run_label`).
-
-    Raises:
-        LearningError: the learner refused or rolled back a task.
-    """
-    model = make_model(method, config, backbone, ncm_metric=ncm_metric)
-    names = data.classes
-    train = [task_subset(data.train_images, data.train_labels, t) for t in tasks]
-    test = [task_subset(data.test_images, data.test_labels, t) for t in tasks]
-    total = sum(_steps(len(y), config, method) for _, y in train)
-    bar = ProgressBar(total, prefix=f'{method} seed {config.seed}') if progress else None
-    acc: List[List[float]] = []
-    replaced: List[int] = []
-    train_seconds = 0.0
-
-    def report(p: Progress) -> None:
-        if bar is not None:
-            bar.update(1, task=f'{p.task_id + 1}/{len(tasks)}', loss=p.loss,
-                       acc=p.accuracy)
-
-    try:
-        for i, (x, y) in enumerate(train):
-            started = time.perf_counter()
-            result = model.learn_task(x, [names[k] for k in y], progress=report)
-            train_seconds += time.perf_counter() - started
-            replaced.append(int(result.replaced_units))
-            acc.append([float(model.evaluate(xt, [names[k] for k in yt]))
-                        for xt, yt in test[:i + 1]])
-    finally:
-        if bar is not None:
-            bar.close()
-    counts = model.parameter_counts()
-    # Computed here rather than trusted from the model: the frozen extractor without timm's
-    # unused ImageNet classifier (a robot never runs it).
-    backbone_params = backbone_params_without_classifier(backbone)
-    sizes = [len(t) for t in tasks]
-    if isinstance(model, ContinualLearner):
-        cfg: Dict[str, Any] = dataclasses.asdict(model.config)
-        cbp = model.cbp_stats()
-    else:
-        cfg, cbp = model.config_dict(), None
-    metrics = summarize(acc)
-    res: Dict[str, Any] = {
-        'method': method, 'dataset': dataset, 'backbone': backbone.name,
-        'tasks': len(tasks),
-        'classes_per_task': sizes[0] if len(set(sizes)) == 1 else sizes,
-        'acc_matrix': acc, **metrics,
-        'trainable_params': int(counts['trainable_params']),
-        'backbone_params': int(backbone_params),
-        'train_seconds': round(train_seconds, 3),
-        'seed': int(config.seed), 'recipe': recipe if method in LEARNER_METHODS else None,
-        'config': cfg, 'replaced_units': int(sum(replaced)),
-        'replaced_units_per_task': replaced,
-        'task_learning_accuracy': [row[i] for i, row in enumerate(acc)],
-        'task_classes': [[names[k] for k in t] for t in tasks],
-        'train_samples_per_task': [int(len(y)) for _, y in train],
-        'test_samples_per_task': [int(len(y)) for _, y in test],
-        'image_size': int(config.image_size or backbone.input_size),
-        'code_version': code_fingerprint(),
-    }
-    if cbp is not None:
-        res['cbp_stats'] = cbp
-    if tag:
-        res['tag'] = tag
-    res['label'] = run_label(res)
-    return res
 
 
 # ------------------------------------------------------------------------ summaries
@@ -484,17 +386,24 @@ def summarize_runs(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
         entry: Dict[str, Any] = {'runs': len(rs), 'seeds': [r.get('seed') for r in rs],
                                  'dataset': rs[0].get('dataset'),
                                  'method': rs[0].get('method')}
-        for m in METRICS + ('train_seconds', 'replaced_units'):
+        for m in METRICS + EXTRA_METRICS + ('train_seconds', 'replaced_units'):
             vals = [r[m] for r in rs if r.get(m) is not None]
             if vals:
                 entry[m] = _mean_std(vals)
-        shapes = {len(r['acc_matrix']) for r in rs}
-        if len(shapes) == 1:
+        shapes = {len(r['acc_matrix']) for r in rs if 'acc_matrix' in r}
+        if len(shapes) == 1 and all('acc_matrix' in r for r in rs):
             n = shapes.pop()
             entry['acc_matrix'] = [[float(np.mean([r['acc_matrix'][i][j] for r in rs]))
                                     for j in range(i + 1)] for i in range(n)]
             diag = [[r['acc_matrix'][i][i] for r in rs] for i in range(n)]
             entry['task_learning_accuracy'] = [_mean_std(v) for v in diag]
+        if all('lifetime' in r for r in rs):
+            n = min(len(r['lifetime']) for r in rs)
+            entry['lifetime'] = {key: [float(np.mean([r['lifetime'][i][key] for r in rs]))
+                                       for i in range(n)]
+                                 for key in ('learning_accuracy', 'dormant_fraction',
+                                             'effective_rank')
+                                 if all(key in r['lifetime'][0] for r in rs)}
         entry['trainable_params'] = rs[0].get('trainable_params')
         entry['backbone_params'] = rs[0].get('backbone_params')
         out[key] = entry
@@ -512,6 +421,15 @@ def _pm(entry: Dict[str, Any], metric: str, scale: float = 100.0, digits: int = 
 
 def format_summary(summary: Dict[str, Dict[str, Any]]) -> str:
     """A markdown table: one row per method, metrics in percent (mean ± std over seeds)."""
+    if all('lifetime' in e for e in summary.values()):
+        lines = ['| method | runs | learning acc % (all tasks) | first 10 tasks % | '
+                 'last 10 tasks % | replaced | train s |', '|---|---|---|---|---|---|---|']
+        for key, e in summary.items():
+            lines.append(
+                f'| {key} | {e["runs"]} | {_pm(e, "learning_accuracy")} | '
+                f'{_pm(e, "first10_learning_accuracy")} | {_pm(e, "last10_learning_accuracy")}'
+                f' | {_pm(e, "replaced_units", 1, 0)} | {_pm(e, "train_seconds", 1, 1)} |')
+        return '\n'.join(lines)
     lines = ['| method | runs | avg acc % | forgetting % | learning acc % | '
              'last-2 learning acc % | replaced | train s | trainable params |',
              '|---|---|---|---|---|---|---|---|---|']
@@ -524,10 +442,25 @@ def format_summary(summary: Dict[str, Dict[str, Any]]) -> str:
             f'| {key} | {e["runs"]} | {_pm(e, "average_accuracy")} | {_pm(e, "forgetting")} '
             f'| {_pm(e, "learning_accuracy")} | {last2} | {_pm(e, "replaced_units", 1, 0)} '
             f'| {_pm(e, "train_seconds", 1, 1)} | {e.get("trainable_params")} |')
+    if any('unknown_auroc' in e or 'mahalanobis_auroc' in e for e in summary.values()):
+        lines += ['', '| method | novelty AUROC | Mahalanobis (pre-logits) AUROC | '
+                  'taught frames called unknown % | untaught frames called unknown % |',
+                  '|---|---|---|---|---|']
+        for key, e in summary.items():
+            lines.append(f'| {key} | {_pm(e, "unknown_auroc", 1, 3)} | '
+                         f'{_pm(e, "mahalanobis_auroc", 1, 3)} | '
+                         f'{_pm(e, "known_rejected_rate")} | {_pm(e, "unknown_rejected_rate")} |')
     return '\n'.join(lines)
 
 
 def _run_report(res: Dict[str, Any]) -> str:
+    if res.get('protocol') == 'lifetime':
+        return (f'== {res["label"]} | {res["dataset"]} ({res.get("split", "test")}) | seed '
+                f'{res["seed"]} | lifetime of {res["tasks"]} tasks ==\n'
+                f'learning accuracy {100 * res["learning_accuracy"]:.1f}% (first 10 tasks '
+                f'{100 * res["first10_learning_accuracy"]:.1f}%, last 10 '
+                f'{100 * res["last10_learning_accuracy"]:.1f}%), replaced units '
+                f'{res["replaced_units"]}, train {res["train_seconds"]:.1f} s')
     names = [','.join(c) for c in res['task_classes']]
     if max(len(n) for n in names) > 12:  # long class names would blow up the table
         names = [f'T{k + 1}' for k in range(len(names))]
@@ -557,17 +490,21 @@ def load_results(paths: Sequence[str]) -> List[Dict[str, Any]]:
             raise ValueError(f'cannot read result file {path!r}: {exc}') from exc
         items = data.get('runs', [data]) if isinstance(data, dict) else data
         found = [r for r in items if isinstance(r, dict) and 'method' in r
-                 and 'acc_matrix' in r] if isinstance(items, list) else []
+                 and ('acc_matrix' in r or 'lifetime' in r)] if isinstance(items, list) else []
         if not found:
-            raise ValueError(f'{path}: no result with "method" and "acc_matrix" in it')
+            raise ValueError(f'{path}: no result with "method" and "acc_matrix" (or '
+                             '"lifetime") in it')
         runs.extend(found)
     return runs
 
 
 def _plot(runs: Sequence[Dict[str, Any]], path: str) -> None:
-    from ..plotting import plot_accuracy_curves
+    from ..plotting import plot_accuracy_curves, plot_lifetime
 
     summary = summarize_runs(runs)
+    if all('lifetime' in e for e in summary.values()):
+        plot_lifetime({key: e['lifetime'] for key, e in summary.items()}, path)
+        return
     curves = []
     for key, e in summary.items():
         if 'acc_matrix' not in e:
@@ -603,8 +540,25 @@ def _output(runs: List[Dict[str, Any]], args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------ main
 def _load(spec: str, seed: int, args: argparse.Namespace, image_size: int) -> ImageDataset:
-    return load_dataset(spec, seed=seed, train_per_class=args.train_per_class,
+    data = load_dataset(spec, seed=seed, train_per_class=args.train_per_class,
                         test_per_class=args.test_per_class, image_size=image_size)
+    if args.split == 'validation':
+        data = validation_split(data, args.validation_fraction, seed)
+    return data
+
+
+def _tasks(args: argparse.Namespace, num_classes: int, parser: argparse.ArgumentParser
+           ) -> tuple:
+    """(tasks, held-out classes) of the incremental protocol."""
+    unknown = args.unknown_classes
+    taught = num_classes - unknown
+    if unknown and taught < 1:
+        parser.error(f'--unknown-classes {unknown} leaves no class of {num_classes} to teach')
+    if not args.tasks:
+        parser.error('--tasks is required for the incremental protocol')
+    if args.tasks > taught:
+        parser.error(f'--tasks {args.tasks} is more than the {taught} classes to teach')
+    return split_tasks(taught, args.tasks), list(range(taught, num_classes))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -620,8 +574,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(str(exc))
         _output(runs, args)
         return 0
-    if not args.dataset or not args.tasks:
-        parser.error('--dataset and --tasks are required (or --compare FILE...)')
+    if not args.dataset:
+        parser.error('--dataset is required (or --compare FILE...)')
     seeds = args.seeds if args.seeds is not None else [0 if args.seed is None else args.seed]
     image_size = default_image_size(args.dataset, args.image_size)
     try:
@@ -643,10 +597,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DatasetError, BackboneLoadError) as exc:
         parser.error(str(exc))
     num_classes = datasets[seeds[0]].num_classes
-    if args.tasks > num_classes:
-        parser.error(f'--tasks {args.tasks} is more than the {num_classes} classes of '
-                     f'{args.dataset}')
-    tasks = split_tasks(num_classes, args.tasks)
+    if args.protocol == 'incremental':
+        tasks, unknown = _tasks(args, num_classes, parser)
+    elif num_classes < 2:
+        parser.error('the lifetime protocol needs at least 2 classes')
 
     runs: List[Dict[str, Any]] = []
     for seed in seeds:
@@ -659,12 +613,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for method in args.method:
             config = learner_config(args, method, seed, image_size)
             try:
-                res = run_method(method, data, tasks, config, backbone, dataset=args.dataset,
-                                 recipe=args.recipe, ncm_metric=args.ncm_metric,
-                                 progress=not args.quiet, tag=args.tag)
+                if args.protocol == 'lifetime':
+                    res = run_lifetime(
+                        method, data, config, backbone, dataset=args.dataset, split=args.split,
+                        num_tasks=args.lifetime_tasks,
+                        train_per_class=args.lifetime_train_per_class,
+                        test_per_class=args.lifetime_test_per_class, args=args,
+                        progress=not args.quiet)
+                else:
+                    res = run_incremental(method, data, tasks, config, backbone,
+                                          dataset=args.dataset, split=args.split,
+                                          unknown=unknown, args=args, progress=not args.quiet)
             except LearningError as exc:
                 print(f'{PROG}: error: {method} seed {seed}: {exc}', file=sys.stderr)
                 return 1
+            res['code_version'] = code_fingerprint()
+            if args.tag:
+                res['tag'] = args.tag
+            res['label'] = run_label(res)
             runs.append(res)
             if not args.quiet:
                 print(_run_report(res), flush=True)

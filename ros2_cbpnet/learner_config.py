@@ -1,0 +1,171 @@
+"""``LearnerConfig``: the one place where every learner setting and its default lives.
+
+The node's parameters, ``cbpnet-eval``'s options and the benchmark all map onto these
+fields; defaults were chosen on validation splits (README, "Learning quality"). No ROS here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Tuple
+
+import torch
+
+from .model.backbones import EMBEDDED_BACKBONE, Backbone, ViTBackbone
+from .model.cbpnet import PREDICTION_MODES, SELECTION_MODES
+
+__all__ = [
+    'ARCH_FIELDS', 'LearnerConfig', 'MAX_LABEL_LENGTH', 'default_prompt_layers',
+    'resolve_device',
+]
+
+#: Prompt layouts per backbone family, used when the config leaves the layers empty.
+#: ViT: DualPrompt's published layout. CNN (EfficientNet-Lite0 stages 0-6 + head conv = 7):
+#: late stages, so the unprompted trunk is shared between query and prompted pass.
+VIT_G_LAYERS, VIT_E_LAYERS = [0, 1], [2, 3, 4]
+CNN_G_LAYERS, CNN_E_LAYERS = [5], [6, 7]
+#: Architecture fields stored in checkpoints; a saved model keeps its own layout.
+ARCH_FIELDS = ('g_prompt_length', 'g_prompt_layers', 'e_prompt_length', 'e_prompt_layers',
+               'cbp_hidden_units', 'image_size', 'query_layers')
+#: Longest accepted ``unknown_label`` (the node's label limit).
+MAX_LABEL_LENGTH = 128
+
+
+@dataclass
+class LearnerConfig:
+    """Everything that configures a learner.
+
+    Layout: empty ``g_prompt_layers``/``e_prompt_layers`` select the family default (ViT:
+    DualPrompt's G in 0-1, E in 2-4; CNN: G in stage 5, E in stage 6 and the head conv);
+    ``g_prompt_layers=[-1]`` means no G-prompt. Empty ``query_layers`` selects the family
+    default query (CNN: pooled outputs of the last five stages; ViT: the pre-logits feature);
+    ``query_layers=[-1]`` is the last layer alone (the backbone's pre-logits feature).
+
+    Prediction (see :mod:`ros2_cbpnet.model.cbpnet`): ``prediction='stats'`` classifies with
+    the closed-form LDA over the class statistics alone and trains nothing; ``'task'`` adds
+    the prompted head within the selected task with weight ``head_weight``; ``'all'`` is the
+    paper's softmax over all classes.
+
+    ``train_cbp_block=False`` leaves the block at its identity start (the published DualPrompt
+    has no such block); ``cbp_enabled=False`` trains it but never re-initialises a unit.
+
+    Drift control of the learned recipe (not in the paper): ``feature_replay_coeff`` weighs a
+    cross-entropy on pseudo-features of earlier classes, drawn from per-class Gaussians of
+    the block input, so training a new task does not silently re-purpose the shared CBP
+    block and head; ``g_prompt_first_task_only`` freezes the shared G-prompt after the first
+    task so those statistics stay exact. ``min_steps`` gives a task with few samples at least
+    that many optimiser steps (more epochs), so few-shot teaching still trains.
+
+    Open world: a frame whose novelty (0 = typical of a taught class, 1 = one standard
+    deviation less like one) exceeds ``unknown_threshold`` is reported as ``unknown_label``;
+    ``unknown_threshold <= 0`` turns that off (a threshold of 0 would reject about half of
+    the taught frames, so no useful setting is lost).
+
+    ``fast_paths=False`` switches off the performance savings of design.md section 3
+    (shared trunk, one-task shortcut, trunk cache) for benchmarking; results are the same up
+    to float rounding.
+    """
+
+    backbone: str = EMBEDDED_BACKBONE
+    backbone_checkpoint: str = ''
+    device: str = 'auto'
+    precision: str = 'fp32'
+    image_size: int = 0
+    query_layers: List[int] = field(default_factory=list)
+    epochs: int = 5
+    min_steps: int = 50
+    batch_size: int = 16
+    learning_rate: float = 0.01
+    g_prompt_length: int = 5
+    g_prompt_layers: List[int] = field(default_factory=list)
+    e_prompt_length: int = 5
+    e_prompt_layers: List[int] = field(default_factory=list)
+    pull_constraint_coeff: float = 1.0
+    train_cbp_block: bool = True
+    cbp_enabled: bool = True
+    cbp_hidden_units: int = 64
+    cbp_replacement_rate: float = 1e-4
+    cbp_maturity_threshold: int = 200
+    cbp_decay_rate: float = 0.99
+    prompt_selection: str = 'lda'
+    prediction: str = 'stats'
+    head_weight: float = 1.0
+    lda_shrinkage: float = 0.2
+    feature_replay_coeff: float = 1.0
+    g_prompt_first_task_only: bool = True
+    grad_clip_norm: float = 1.0
+    trunk_cache_mb: int = 512
+    fast_paths: bool = True
+    seed: int = 0
+    top_k: int = 5
+    unknown_threshold: float = 0.0
+    unknown_label: str = 'unknown'
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+        need(bool(self.backbone.strip()), 'backbone must be a timm model name')
+        need(self.device in ('auto', 'cpu', 'cuda') or self.device.startswith('cuda:'),
+             f"device must be auto, cpu or cuda[:N], not {self.device!r}")
+        need(self.precision in ('fp32', 'fp16', 'bf16'),
+             f'precision must be fp32, fp16 or bf16, not {self.precision!r}')
+        need(self.image_size == 0 or 16 <= self.image_size <= 1024,
+             'image_size must be 0 (backbone default) or 16..1024')
+        need(all(i >= 0 for i in self.query_layers) or self.query_layers == [-1],
+             'query_layers must be >= 0 ([-1] = the last layer only)')
+        need(1 <= self.epochs <= 1000, 'epochs must be 1..1000')
+        need(0 <= self.min_steps <= 100000, 'min_steps must be 0..100000')
+        need(1 <= self.batch_size <= 4096, 'batch_size must be 1..4096')
+        need(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+             'learning_rate must be a positive number')
+        need(0 <= self.g_prompt_length <= 256 and 1 <= self.e_prompt_length <= 256,
+             'prompt lengths must be 0..256 (G) and 1..256 (E)')
+        need(all(i >= -1 for i in self.g_prompt_layers)
+             and all(i >= 0 for i in self.e_prompt_layers), 'prompt layers must be >= 0')
+        need(math.isfinite(self.pull_constraint_coeff) and self.pull_constraint_coeff >= 0,
+             'pull_constraint_coeff must be >= 0')
+        need(1 <= self.cbp_hidden_units <= 65536, 'cbp_hidden_units must be 1..65536')
+        need(0.0 <= self.cbp_replacement_rate <= 1.0, 'cbp_replacement_rate must be in [0, 1]')
+        need(self.cbp_maturity_threshold >= 0, 'cbp_maturity_threshold must be >= 0')
+        need(0.0 < self.cbp_decay_rate < 1.0, 'cbp_decay_rate must be in (0, 1)')
+        need(self.prompt_selection in SELECTION_MODES,
+             f'prompt_selection must be one of {SELECTION_MODES}')
+        need(self.prediction in PREDICTION_MODES, f'prediction must be one of {PREDICTION_MODES}')
+        need(math.isfinite(self.head_weight) and self.head_weight >= 0,
+             'head_weight must be >= 0')
+        need(0.0 <= self.lda_shrinkage <= 1.0, 'lda_shrinkage must be in [0, 1]')
+        need(math.isfinite(self.feature_replay_coeff) and self.feature_replay_coeff >= 0,
+             'feature_replay_coeff must be >= 0')
+        need(self.grad_clip_norm > 0, 'grad_clip_norm must be > 0')
+        need(self.trunk_cache_mb >= 0, 'trunk_cache_mb must be >= 0')
+        need(1 <= self.top_k <= 1000, 'top_k must be 1..1000')
+        need(math.isfinite(self.unknown_threshold),
+             'unknown_threshold must be a finite number (<= 0 turns rejection off)')
+        need(0 < len(self.unknown_label.strip()) <= MAX_LABEL_LENGTH,
+             f'unknown_label must be 1..{MAX_LABEL_LENGTH} characters')
+
+    def replace(self, **changes: Any) -> 'LearnerConfig':
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def default_prompt_layers(backbone: Backbone) -> Tuple[List[int], List[int]]:
+    """(G layers, E layers) of the family default layout, clipped to the model's depth."""
+    g, e = (VIT_G_LAYERS, VIT_E_LAYERS) if isinstance(backbone, ViTBackbone) \
+        else (CNN_G_LAYERS, CNN_E_LAYERS)
+    last = backbone.num_layers - 1
+    e = sorted({min(i, last) for i in e})
+    g = sorted({min(i, last) for i in g})
+    return g, e
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without one is an error."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'device {name!r} requested but CUDA is not available')
+    return torch.device(name)
