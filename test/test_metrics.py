@@ -1,7 +1,5 @@
 """Tests of ros2_cbpnet.metrics, ros2_cbpnet.plotting and ros2_cbpnet.progress (no ROS)."""
 
-import io
-import math
 
 import numpy as np
 import pytest
@@ -9,7 +7,6 @@ import pytest
 from ros2_cbpnet.metrics import (average_accuracy, forgetting, format_matrix,
                                  learning_accuracy, summarize)
 from ros2_cbpnet.plotting import plot_accuracy_curves
-from ros2_cbpnet.progress import ProgressBar
 
 # Row i: accuracies on tasks 0..i after learning task i.
 TRIANGLE = [
@@ -115,48 +112,3 @@ def test_plot_one_and_two_results(tmp_path):
         plot_accuracy_curves([], str(tmp_path / 'none.png'))
     with pytest.raises(ValueError):
         plot_accuracy_curves([{'acc_matrix': TRIANGLE}], str(tmp_path / 'nomethod.png'))
-
-
-def test_progress_bar_log_mode_prints_every_ten_percent():
-    out = io.StringIO()
-    with ProgressBar(40, prefix='train', width=10, stream=out) as bar:
-        for i in range(40):
-            bar.update(loss=0.31, acc=0.92 if i == 39 else 0.5)
-    lines = out.getvalue().splitlines()
-    assert '\r' not in out.getvalue()
-    assert len(lines) == 10
-    assert lines[0] == 'train |#---------| 4/40 loss=0.31 acc=0.5'
-    assert lines[-1] == 'train |##########| 40/40 loss=0.31 acc=0.92'
-    assert out.getvalue().endswith('\n')
-
-
-def test_progress_bar_log_mode_early_close_prints_final_state():
-    out = io.StringIO()
-    bar = ProgressBar(100, width=4, stream=out)
-    bar.update(3)
-    bar.close()
-    bar.close()
-    assert out.getvalue() == '|----| 3/100\n'
-
-
-class _Tty(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_bar_tty_mode_redraws_in_place():
-    out = _Tty()
-    with ProgressBar(4, prefix='ep', width=4, stream=out) as bar:
-        bar.update(2, loss=1.5)
-        bar.update(2)
-    text = out.getvalue()
-    assert text.count('\r') == 2
-    assert text.endswith('\rep |####| 4/4 loss=1.5\n')
-    assert text.split('\r')[1] == 'ep |##--| 2/4 loss=1.5'
-
-
-def test_progress_bar_values_are_finite_text():
-    out = io.StringIO()
-    with ProgressBar(1, stream=out) as bar:
-        bar.update(loss=math.pi, step=7, tag='x')
-    assert out.getvalue() == '|##############################| 1/1 loss=3.14 step=7 tag=x\n'

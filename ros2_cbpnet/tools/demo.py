@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from ..datasets import DatasetError, ImageDataset, load_dataset, split_tasks, task_subset
 from ..metrics import format_matrix, summarize
-from ..progress import ProgressBar
 
 #: Cameras the demo streams test frames on; the node batches frames waiting on several.
 NUM_CAMERAS = 4
@@ -251,7 +251,7 @@ class DemoClient:
         with self._cond:
             self.progress.clear()
         future = self.learn.call_async(self._Trigger.Request())
-        bar: Optional[ProgressBar] = None
+        bar: Optional[tqdm] = None
         shown = 0
         deadline = time.monotonic() + timeout_s
         while not future.done():
@@ -262,9 +262,11 @@ class DemoClient:
                 new = self.progress[shown:]
             for p in new:
                 if bar is None:
-                    bar = ProgressBar(int(p['steps']), prefix=bar_prefix)
-                bar.update(1, epoch=f"{p['epoch']}/{p['epochs']}", loss=round(p['loss'], 3),
-                           acc=round(p['accuracy'], 3))
+                    bar = tqdm(total=int(p['steps']), desc=bar_prefix, unit='step',
+                               dynamic_ncols=True)
+                bar.update(1)
+                bar.set_postfix(epoch=f"{p['epoch']}/{p['epochs']}", loss=f"{p['loss']:.3f}",
+                                acc=f"{p['accuracy']:.3f}", refresh=False)
             shown += len(new)
         if bar is not None:
             bar.close()
