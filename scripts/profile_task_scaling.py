@@ -76,6 +76,8 @@ def main() -> int:
     p.add_argument('--backbone', default='tf_efficientnet_lite0')
     p.add_argument('--backbone-checkpoint', default='')
     p.add_argument('--image-size', type=int, default=128)
+    p.add_argument('--prediction', default='',
+                   help="LearnerConfig.prediction (default: the learner's default)")
     p.add_argument('--tasks', type=int, default=50)
     p.add_argument('--train-images', type=int, default=200)
     p.add_argument('--filler-images', type=int, default=16)
@@ -94,8 +96,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     backbone = load_backbone(args.backbone, args.backbone_checkpoint,
                              image_size=args.image_size)
+    extra = {'prediction': args.prediction} if args.prediction else {}
     config = LearnerConfig(backbone=args.backbone, backbone_checkpoint=args.backbone_checkpoint,
-                           image_size=args.image_size, device='cpu')
+                           image_size=args.image_size, device='cpu', **extra)
 
     def factory():
         return ContinualLearner(config, backbone=backbone)
