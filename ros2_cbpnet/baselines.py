@@ -385,7 +385,7 @@ class RandomProjectionRidge(FrozenFeatureBaseline):
 
     method = 'ranpac'
 
-    def __init__(self, backbone: Backbone, *, projection_dim: int = 2000, ridge: float = 0.1,
+    def __init__(self, backbone: Backbone, *, projection_dim: int = 5000, ridge: float = 0.1,
                  **kwargs) -> None:
         super().__init__(backbone, **kwargs)
         if projection_dim < 1 or not ridge > 0:

@@ -756,6 +756,10 @@ def _upgrade_state_dict(weights: Dict[str, torch.Tensor], arch: Dict[str, Any]
     # task was trained.
     out.setdefault('class_active', torch.ones(len(arch['class_task']), dtype=torch.bool))
     out.setdefault('task_trained', torch.ones(int(arch['num_tasks']), dtype=torch.bool))
+    # Before novelty was calibrated: uncalibrated until the next task is learned.
+    for name, dtype in (('novelty_sum', torch.float64), ('novelty_sum_sq', torch.float64),
+                        ('novelty_count', torch.long)):
+        out.setdefault(f'stats.{name}', torch.zeros((), dtype=dtype))
     return out
 
 

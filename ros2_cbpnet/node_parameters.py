@@ -30,12 +30,13 @@ QOS_CHOICES = ('sensor_data', 'reliable')
 
 #: LearnerConfig fields exposed as node parameters of the same name.
 LEARNER_PARAMS: Tuple[str, ...] = (
-    'backbone', 'backbone_checkpoint', 'device', 'precision', 'image_size', 'epochs',
-    'batch_size', 'learning_rate', 'g_prompt_length', 'g_prompt_layers', 'e_prompt_length',
-    'e_prompt_layers', 'pull_constraint_coeff', 'cbp_enabled', 'cbp_hidden_units',
-    'cbp_replacement_rate', 'cbp_maturity_threshold', 'cbp_decay_rate', 'prompt_selection',
-    'prediction', 'lda_shrinkage', 'feature_replay_coeff', 'g_prompt_first_task_only', 'seed',
-    'top_k', 'unknown_threshold', 'unknown_label')
+    'backbone', 'backbone_checkpoint', 'device', 'precision', 'image_size', 'query_layers',
+    'epochs', 'min_steps', 'batch_size', 'learning_rate', 'g_prompt_length', 'g_prompt_layers',
+    'e_prompt_length', 'e_prompt_layers', 'pull_constraint_coeff', 'train_cbp_block',
+    'cbp_enabled', 'cbp_hidden_units', 'cbp_replacement_rate', 'cbp_maturity_threshold',
+    'cbp_decay_rate', 'prompt_selection', 'prediction', 'head_weight', 'lda_shrinkage',
+    'feature_replay_coeff', 'g_prompt_first_task_only', 'seed', 'top_k', 'unknown_threshold',
+    'unknown_label')
 #: LearnerConfig fields deliberately not exposed (benchmark and numerical-safety knobs); a
 #: test fails when LearnerConfig gains a field that is in neither tuple.
 NOT_EXPOSED: Tuple[str, ...] = ('grad_clip_norm', 'trunk_cache_mb', 'fast_paths')
@@ -109,6 +110,10 @@ PARAMETERS: Dict[str, ParamSpec] = {
                            'need CUDA', constraints='fp32, fp16 or bf16', **_RO),
     'image_size': ParamSpec(_T.PARAMETER_INTEGER, 'network input side in pixels (frames are '
                             'resized to a square); 0 = backbone default', 0, 1024, **_RO),
+    'query_layers': ParamSpec(_T.PARAMETER_INTEGER_ARRAY, 'backbone layers whose pooled outputs '
+                              'form the frozen query of the class statistics; empty = family '
+                              'default (CNN: last five stages, ViT: pre-logits); [-1] = the '
+                              'last layer only', **_RO),
     'g_prompt_length': ParamSpec(_T.PARAMETER_INTEGER, 'G-prompt length (ViT prefix tokens)',
                                  0, 256, **_RO),
     'g_prompt_layers': ParamSpec(_T.PARAMETER_INTEGER_ARRAY, 'layers with the G-prompt; empty '
@@ -120,14 +125,19 @@ PARAMETERS: Dict[str, ParamSpec] = {
     'cbp_hidden_units': ParamSpec(_T.PARAMETER_INTEGER, 'hidden units of the CBP block', 1,
                                   65536, **_RO),
     # --- learning (apply to the next learned task)
-    'epochs': ParamSpec(_T.PARAMETER_INTEGER, 'training epochs per task', 1, 1000),
+    'epochs': ParamSpec(_T.PARAMETER_INTEGER, 'training epochs per task (prediction task or '
+                        'all)', 1, 1000),
+    'min_steps': ParamSpec(_T.PARAMETER_INTEGER, 'a task with few samples gets more epochs, up '
+                           'to at least this many optimiser steps', 0, 100000),
     'batch_size': ParamSpec(_T.PARAMETER_INTEGER, 'training batch size', 1, 4096),
     'learning_rate': ParamSpec(_T.PARAMETER_DOUBLE, 'Adam learning rate (constant), > 0', 0.0,
                                10.0),
     'pull_constraint_coeff': ParamSpec(_T.PARAMETER_DOUBLE, 'weight of the key pull '
                                        'constraint in the loss', 0.0, 1000.0),
+    'train_cbp_block': ParamSpec(_T.PARAMETER_BOOL, 'train the CBP block; false = it stays '
+                                 'the identity (as in the published DualPrompt)'),
     'cbp_enabled': ParamSpec(_T.PARAMETER_BOOL, 'continual backpropagation on; false = the '
-                             'DualPrompt baseline (same block, no replacement)'),
+                             'same block trained without unit replacement'),
     'cbp_replacement_rate': ParamSpec(_T.PARAMETER_DOUBLE, 'fraction of mature CBP units '
                                       'replaced per optimiser step', 0.0, 1.0),
     'cbp_maturity_threshold': ParamSpec(_T.PARAMETER_INTEGER, 'optimiser steps before a CBP '
@@ -144,15 +154,21 @@ PARAMETERS: Dict[str, ParamSpec] = {
     # --- prediction (apply at once)
     'prompt_selection': ParamSpec(_T.PARAMETER_STRING, 'how the E-prompt is chosen for a '
                                   'frame', constraints='key, class_mean or lda'),
-    'prediction': ParamSpec(_T.PARAMETER_STRING, 'all = softmax over all classes; task = '
-                            'weighted by the task posterior', constraints='all or task'),
+    'prediction': ParamSpec(_T.PARAMETER_STRING, 'stats = closed-form LDA over the class '
+                            'statistics, nothing trained (one backbone pass); task = stats '
+                            'plus the prompted head within the selected task; all = the '
+                            "paper's softmax over all classes", constraints='stats, task or '
+                            'all'),
+    'head_weight': ParamSpec(_T.PARAMETER_DOUBLE, 'weight of the prompted head against the '
+                             'LDA inside the selected task (prediction task)', 0.0, 1000.0),
     'lda_shrinkage': ParamSpec(_T.PARAMETER_DOUBLE, 'isotropic share of the LDA covariance',
                                0.0, 1.0),
     'top_k': ParamSpec(_T.PARAMETER_INTEGER, 'entries in each prediction topk list (at most '
                        'the number of classes)', 1, 1000),
-    'unknown_threshold': ParamSpec(_T.PARAMETER_DOUBLE, 'a frame whose novelty is above this '
-                                   'is reported as unknown_label (known: false); 0 = never '
-                                   'say unknown', 0.0, 1e9),
+    'unknown_threshold': ParamSpec(_T.PARAMETER_DOUBLE, 'a frame whose novelty (0 = typical '
+                                   'of a taught class, 1 = one standard deviation less like '
+                                   'one) is above this is reported as unknown_label (known: '
+                                   'false); 0 = never say unknown', 0.0, 1e9),
     'unknown_label': ParamSpec(_T.PARAMETER_STRING, 'label of frames unlike anything taught; '
                                'do not teach a class of this name'),
     'publish_vision_msgs': ParamSpec(_T.PARAMETER_BOOL, 'also publish ~/classification and '

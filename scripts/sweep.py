@@ -14,7 +14,8 @@ Groups (``--groups``, default all):
 - ``query``: which backbone layers form the frozen query (statistics-only prediction);
 - ``shrinkage``: the LDA shrinkage;
 - ``head``: the prompted head's weight in ``task`` prediction, against statistics only;
-- ``cbp``: replacement rate x maturity of the CBP block in the learned recipe;
+- ``cbp``: replacement rate x maturity of the CBP block in the learned recipe, on the
+  lifetime stream (mean learning accuracy over its tasks);
 - ``baselines``: the ranpac projection size and ridge, the lda shrinkage.
 
 Example::
@@ -36,6 +37,7 @@ import numpy as np
 from ros2_cbpnet.tools.evaluate import main as evaluate
 
 LEARNED = '--prediction task --head-weight 1'
+LIFETIME = f'--protocol lifetime {LEARNED}'
 GROUPS: Dict[str, Dict[str, str]] = {
     'query': {
         'query=prelogits': '--query-layers prelogits',
@@ -53,10 +55,10 @@ GROUPS: Dict[str, Dict[str, str]] = {
         'task, head alone (weight 100)': '--prediction task --head-weight 100',
     },
     'cbp': {
-        'learned, CBP off': f'{LEARNED} --cbp false',
-        **{f'learned, rate {r}, maturity {m}':
-           f'{LEARNED} --cbp-replacement-rate {r} --cbp-maturity-threshold {m}'
-           for r in (1e-4, 1e-3, 1e-2) for m in (20, 100)},
+        'lifetime, CBP off': f'{LIFETIME} --cbp false',
+        **{f'lifetime, rate {r}, maturity {m}':
+           f'{LIFETIME} --cbp-replacement-rate {r} --cbp-maturity-threshold {m}'
+           for r in (1e-3, 1e-2) for m in (20, 100)},
     },
     'baselines': {
         **{f'ranpac dim {d} ridge {r}': f'--method ranpac --ranpac-dim {d} --ranpac-ridge {r}'
@@ -97,8 +99,10 @@ def main(argv: List[str] | None = None) -> int:
                     extra = shlex.split(options) + shlex.split(args.extra)
                     if '--method' not in extra:
                         extra += ['--method', 'cbpnet']
+                    if '--protocol' not in extra:
+                        extra += ['--tasks', str(args.tasks)]
                     evaluate(_dataset_args(dataset, args.train_per_class) + [
-                        '--tasks', str(args.tasks), '--seeds', args.seeds,
+                        '--seeds', args.seeds,
                         '--split', 'validation',
                         '--validation-fraction', str(args.validation_fraction),
                         '--quiet', '--out', path] + extra)
@@ -106,11 +110,13 @@ def main(argv: List[str] | None = None) -> int:
                     result = json.load(fh)
                 runs = result.get('runs', [result])
                 assert all(r.get('split') == 'validation' for r in runs), path
+                # Incremental runs: average accuracy; lifetime runs: learning accuracy.
                 table.setdefault(group, {}).setdefault(name, {})[dataset] = float(np.mean(
-                    [r['average_accuracy'] for r in runs]))
+                    [r.get('average_accuracy', r['learning_accuracy']) for r in runs]))
     datasets = args.datasets.split(',')
     print(f'\nValidation split ({args.validation_fraction:.0%} of each class\'s training '
-          f'images; test images never loaded), seeds {args.seeds}, mean average accuracy %:\n')
+          f'images; test images never loaded), seeds {args.seeds}; mean average accuracy % '
+          '(lifetime rows: mean learning accuracy %):\n')
     for group, rows in table.items():
         print(f'\n{group}:\n')
         print('| setting | ' + ' | '.join(datasets) + ' | mean |')

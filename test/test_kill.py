@@ -43,7 +43,8 @@ _starts = iter(range(1, 1000))
 
 
 def _params(tmp_path, checkpoint_dir, camera, **changes):
-    params = dict(image_size=64, epochs=3, batch_size=4, learning_rate=0.01,
+    params = dict(prediction='task', min_steps=0,  # the learned recipe
+                  image_size=64, epochs=3, batch_size=4, learning_rate=0.01,
                   min_samples_per_class=3, diagnostics_period_s=0.3, image_qos='reliable',
                   image_topics=[camera], checkpoint_dir=str(checkpoint_dir))
     params.update(changes)

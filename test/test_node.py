@@ -31,7 +31,8 @@ EXPECTED_STATUSES = ('cbpnet: inference', 'cbpnet: learner', 'cbpnet: cbp block'
 
 def node_params(checkpoint_dir, **changes):
     """Small, fast settings: embedded backbone at 64 px, a few Adam steps per task."""
-    params = dict(image_size=64, epochs=3, batch_size=4, learning_rate=0.01,
+    params = dict(prediction='task', min_steps=0,  # the learned recipe
+                  image_size=64, epochs=3, batch_size=4, learning_rate=0.01,
                   min_samples_per_class=3, diagnostics_period_s=0.2, image_qos='reliable',
                   image_topics=[CAM, CAM_Z], checkpoint_dir=str(checkpoint_dir), top_k=5)
     params.update(changes)

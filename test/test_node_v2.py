@@ -33,7 +33,8 @@ MIX = (120, 110, 90)
 
 
 def params(**changes):
-    values = dict(image_size=64, epochs=3, batch_size=4, min_samples_per_class=3,
+    values = dict(prediction='task', min_steps=0,  # the learned recipe
+                  image_size=64, epochs=3, batch_size=4, min_samples_per_class=3,
                   diagnostics_period_s=0.2, image_qos='reliable', image_topics=[CAM], top_k=5)
     values.update(changes)
     return values

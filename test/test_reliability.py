@@ -109,7 +109,8 @@ def _tree(root):
 def harness(tmp_path_factory):
     root = tmp_path_factory.mktemp('reliability')
     checkpoint_dir = root / 'robot' / 'data' / 'checkpoints'
-    params = dict(image_size=64, epochs=3, batch_size=4, learning_rate=0.01,
+    params = dict(prediction='task', min_steps=0,  # the learned recipe
+                  image_size=64, epochs=3, batch_size=4, learning_rate=0.01,
                   min_samples_per_class=3, diagnostics_period_s=0.2, image_qos='reliable',
                   image_topics=[CAM], checkpoint_dir=str(checkpoint_dir))
     with node_in_process(params) as h:

@@ -70,6 +70,7 @@ def _publish(client, topic, images, label, **kwargs):
 def node(tmp_path_factory):
     root = tmp_path_factory.mktemp('teaching')
     params = write_params_file(root / 'params.yaml', dict(
+        prediction='task', min_steps=0,  # the learned recipe: it trains
         image_topics=CAMS, image_qos='sensor_data', image_size=32, epochs=3, batch_size=8,
         min_samples_per_class=3, max_samples_per_class=100_000, max_buffer_samples=100_000,
         diagnostics_period_s=0.25, checkpoint_dir=str(root / 'checkpoints')))

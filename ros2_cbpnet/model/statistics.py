@@ -124,13 +124,14 @@ class ClassStatistics(nn.Module):
     @torch.no_grad()
     def lda(self, active: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
         """Weights ``w`` (C, D), biases ``b`` (C,) and the precision matrix of the shrinkage
-        LDA over all classes, with ``seen`` marking the classes that may be predicted
-        (``active`` and with samples). None before any sample."""
-        if self._lda is not None:
-            return self._lda
+        LDA over all classes (solved once per change, cached), with ``seen`` marking the
+        classes that may be predicted (``active`` and with samples). None before any sample
+        of an active class."""
         seen = (self.class_count > 0) & active
         if not self.num_classes or not bool(seen.any()):
             return None
+        if self._lda is not None:
+            return dict(self._lda, seen=seen)
         d = self.query_dim
         n, c = int(self.class_count.sum()), int((self.class_count > 0).sum())
         cov = self.query_scatter.double() / max(n - c, 1)
@@ -152,10 +153,9 @@ class ClassStatistics(nn.Module):
             d, dtype=total.dtype, device=total.device)
         dtype = self.query_mean.dtype
         self._lda = {'w': weight.to(dtype), 'b': (-0.5 * (weight * mean).sum(1)).to(dtype),
-                     'precision': precision.to(dtype), 'seen': seen,
-                     'background_mean': overall.to(dtype),
+                     'precision': precision.to(dtype), 'background_mean': overall.to(dtype),
                      'background_precision': torch.linalg.inv(total).to(dtype)}
-        return self._lda
+        return dict(self._lda, seen=seen)
 
     @torch.no_grad()
     def log_posterior(self, queries: torch.Tensor, active: torch.Tensor) -> Optional[torch.Tensor]:

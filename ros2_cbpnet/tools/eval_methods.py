@@ -108,7 +108,7 @@ def make_model(method: str, config: LearnerConfig, backbone: Backbone, *,
     if method == 'lda':
         return BASELINES['lda'](backbone, shrinkage=config.lda_shrinkage, **common)
     if method == 'ranpac':
-        return BASELINES['ranpac'](backbone, projection_dim=getattr(args, 'ranpac_dim', 2000),
+        return BASELINES['ranpac'](backbone, projection_dim=getattr(args, 'ranpac_dim', 5000),
                                    ridge=getattr(args, 'ranpac_ridge', 0.1), **common)
     return BASELINES['linear'](backbone, epochs=config.epochs, batch_size=config.batch_size,
                                learning_rate=config.learning_rate,

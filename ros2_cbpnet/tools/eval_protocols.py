@@ -172,7 +172,12 @@ def _open_world(model: Model, data: ImageDataset, tasks: Sequence[Sequence[int]]
         known = [p.novelty for p in _predict_all(model, known_x)]
         novel = [p.novelty for p in _predict_all(model, novel_x)]
         threshold = model.config.unknown_threshold
+        quantiles = (0.5, 0.9, 0.95, 0.99)
         out.update(unknown_auroc=auroc(known, novel), unknown_threshold=threshold,
+                   known_novelty_quantiles=dict(zip(map(str, quantiles), np.quantile(
+                       known, quantiles).tolist())),
+                   unknown_novelty_quantiles=dict(zip(map(str, quantiles), np.quantile(
+                       novel, quantiles).tolist())),
                    known_rejected_rate=float(np.mean(np.asarray(known) > threshold))
                    if threshold > 0 else 0.0,
                    unknown_rejected_rate=float(np.mean(np.asarray(novel) > threshold))
