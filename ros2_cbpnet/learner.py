@@ -129,7 +129,9 @@ def _apply_state_config(state: CBPNet, config: LearnerConfig) -> None:
     state.prompt_selection = config.prompt_selection
     state.prediction = config.prediction
     state.head_weight = config.head_weight
-    state.stats.shrinkage = config.lda_shrinkage
+    if state.stats.shrinkage != config.lda_shrinkage:
+        state.stats.shrinkage = config.lda_shrinkage
+        state.stats.invalidate()
     state.cbp.enabled = config.cbp_enabled
     state.cbp.replacement_rate = config.cbp_replacement_rate
     state.cbp.maturity_threshold = config.cbp_maturity_threshold
@@ -456,6 +458,11 @@ class ContinualLearner:
         state.stats.add(y, queries, features)
         state.stats.calibrate_novelty(
             state.stats.leave_one_out_novelty(y, queries, state.class_active))
+        if epochs == 0:
+            # Nothing trained: report how the statistics classify the samples just taught.
+            with torch.no_grad():
+                guess = state.class_log_posterior(queries).argmax(1)
+            train_accuracy = float((guess == y).float().mean())
         with self._swap_lock:
             # Settings changed by reconfigure() while this task was learned apply to it too.
             _apply_state_config(state, self.config)

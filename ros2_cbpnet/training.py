@@ -147,6 +147,7 @@ def train_task(state: CBPNet, backbone: Backbone, task_id: int, data: TaskData,
                 progress(Progress(task_id, epoch + 1, epochs, step, steps,
                                   float(loss.detach()), correct / seen, replaced))
     state.set_g_prompt_trainable(True)
+    state.prompts.invalidate()  # the prompts and keys changed in place
     state.eval()
     if not all(torch.isfinite(p).all() for p in params):
         raise TrainingDiverged('training produced non-finite weights')

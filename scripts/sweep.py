@@ -5,7 +5,7 @@ Every run carves a validation set out of the training images (``--validation-fra
 default 0.2 of each class) and never loads the test images, so nothing chosen here has seen
 a test image. Each setting is one line of extra ``cbpnet-eval`` options; the script runs it
 on every data set and seed, writes one result file per (data set, setting) under ``--out``
-(``<out>/<dataset>/<setting>.json``; existing files are kept, so an interrupted sweep
+(``<out>/<dataset>/<setting>.json``; finished files are kept, so an interrupted sweep
 resumes), and prints a table of mean validation accuracy per setting and data set, plus the
 mean over data sets, best first.
 
@@ -75,6 +75,15 @@ def _dataset_args(name: str, train_per_class: int) -> List[str]:
     return ['--dataset', name]
 
 
+def _finished(path: str) -> bool:
+    """A result file written to the end (an interrupted run leaves ``"partial": true``)."""
+    try:
+        with open(path, encoding='utf-8') as fh:
+            return not json.load(fh).get('partial', False)
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: List[str] | None = None) -> int:
     """Run the sweep; returns 0."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -95,7 +104,7 @@ def main(argv: List[str] | None = None) -> int:
             for dataset in args.datasets.split(','):
                 path = os.path.join(args.out, dataset, f'{name}.json'.replace(' ', '_')
                                     .replace('/', '_').replace(',', '_'))
-                if not os.path.exists(path):
+                if not _finished(path):
                     extra = shlex.split(options) + shlex.split(args.extra)
                     if '--method' not in extra:
                         extra += ['--method', 'cbpnet']

@@ -34,6 +34,7 @@ MIX = (120, 110, 90)
 
 def params(**changes):
     values = dict(prediction='task', min_steps=0,  # the learned recipe
+                  unknown_threshold=0.0,  # rejection off unless a test turns it on
                   image_size=64, epochs=3, batch_size=4, min_samples_per_class=3,
                   diagnostics_period_s=0.2, image_qos='reliable', image_topics=[CAM], top_k=5)
     values.update(changes)
@@ -313,20 +314,27 @@ def test_unknown_label_and_threshold_through_the_node(harness, two_tasks):
     c = harness.client
     rgb = noisy_images(RED, 1, rng=np.random.default_rng(12))[0]
     known = predict(c, rgb, 'open_known')
-    assert known['known'] is True and known['label'] == 'red' and known['novelty'] >= 0.0
+    assert known['known'] is True and known['label'] == 'red'
+    # Random pixels look like nothing taught: far higher novelty than a red frame.
+    odd_rgb = np.random.default_rng(7).integers(0, 256, rgb.shape, dtype=np.uint8)
+    odd = predict(c, odd_rgb, 'open_odd')
+    assert odd['known'] is True  # rejection is off by default in these tests
+    assert odd['novelty'] > max(known['novelty'], 0.0) + 0.5, (known, odd)
+    threshold = max(known['novelty'], 0.0) + 0.25
     _, before = status(c, 'inference')
     try:
-        assert c.set_parameters({'unknown_threshold': known['novelty'] / 2,
+        assert c.set_parameters({'unknown_threshold': threshold,
                                  'unknown_label': 'no idea'})[0].successful
-        unknown = predict(c, rgb, 'open_unknown')
+        unknown = predict(c, odd_rgb, 'open_unknown')
         assert unknown['label'] == 'no idea' and unknown['known'] is False
-        assert unknown['topk'][0]['label'] == 'red'
+        assert unknown['topk'][0]['label'] in harness.node.learner.classes  # taught ones
         assert unknown['score'] == pytest.approx(unknown['topk'][0]['score'])
+        assert predict(c, rgb, 'open_still_known')['label'] == 'red'
         status(c, 'inference', lambda level, v: int(v['unknown_frames'])
                > int(before['unknown_frames']))
     finally:
         c.set_parameters({'unknown_threshold': 0.0, 'unknown_label': 'unknown'})
-    assert predict(c, rgb, 'open_known_again')['known'] is True
+    assert predict(c, odd_rgb, 'open_known_again')['known'] is True
 
 
 # ------------------------------------------------------------------------------ refine, forget

@@ -179,8 +179,8 @@ class CBPNet(nn.Module):
 
     @torch.no_grad()
     def prepare_inference(self) -> None:
-        """Build the inference caches now, so the first prediction after a swap is fast."""
-        self.invalidate_cache()
+        """Build the inference caches now (parts whose inputs changed have invalidated
+        theirs), so the first prediction after a swap is fast."""
         if self.num_tasks > 1:
             self.prompts.key_similarity(torch.zeros(1, self.query_dim,
                                                     device=self.class_task.device))

@@ -139,7 +139,7 @@ class ClassStatistics(nn.Module):
         alpha = self.shrinkage if n - c > 0 else 1.0
         cov = (1.0 - alpha) * cov + alpha * max(trace, 1e-6) * torch.eye(
             d, dtype=cov.dtype, device=cov.device)
-        precision = torch.linalg.inv(cov)
+        precision = _spd_inverse(cov)
         mean = self.query_mean.double()
         weight = mean @ precision  # (C, D): precision is symmetric
         # The background Gaussian of relative Mahalanobis: every taught sample as one class,
@@ -154,7 +154,7 @@ class ClassStatistics(nn.Module):
         dtype = self.query_mean.dtype
         self._lda = {'w': weight.to(dtype), 'b': (-0.5 * (weight * mean).sum(1)).to(dtype),
                      'precision': precision.to(dtype), 'background_mean': overall.to(dtype),
-                     'background_precision': torch.linalg.inv(total).to(dtype)}
+                     'background_precision': _spd_inverse(total).to(dtype)}
         return dict(self._lda, seen=seen)
 
     @torch.no_grad()
@@ -264,3 +264,16 @@ class ClassStatistics(nn.Module):
         noise = torch.randn(count, self.feature_dim, generator=generator).to(
             self.feature_mean.device)
         return self.feature_mean[cls] + noise * self.feature_var[cls].sqrt(), cls
+
+
+def _spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric positive definite matrix through its Cholesky factor (about
+    three times faster than a general inverse). A vanishing jitter keeps an unshrunk,
+    rank-deficient covariance (fewer samples than dimensions) invertible."""
+    jitter = 1e-9 * float(torch.diagonal(matrix).mean().clamp_min(1e-12))
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
+    if int(info) != 0:
+        factor = torch.linalg.cholesky(matrix + 1e-6 * float(
+            torch.diagonal(matrix).mean().clamp_min(1e-12)) * eye)
+    return torch.cholesky_inverse(factor)
