@@ -339,7 +339,7 @@ class StreamingLDA(FrozenFeatureBaseline):
 
     method = 'lda'
 
-    def __init__(self, backbone: Backbone, *, shrinkage: float = 0.2, **kwargs) -> None:
+    def __init__(self, backbone: Backbone, *, shrinkage: float = 0.1, **kwargs) -> None:
         super().__init__(backbone, **kwargs)
         self.shrinkage = float(shrinkage)
         self.stats = ClassStatistics(self.feature_dim, 1, self.shrinkage).to(self.device)

@@ -33,7 +33,7 @@ from .learner_config import (ARCH_FIELDS, MAX_LABEL_LENGTH, LearnerConfig,
                              default_prompt_layers, resolve_device)
 from .model.backbones import Backbone, backbone_parameter_count, load_backbone
 from .model.cbpnet import CBPNet
-from .precision import TrainingPrecision
+from .precision import TrainingPrecision, resolve_precision
 from .training import (Progress, TaskData, TrainingCancelled, TrainingDiverged, steps_for,
                        train_task)
 
@@ -186,6 +186,7 @@ class ContinualLearner:
     def __init__(self, config: LearnerConfig, backbone: Optional[Backbone] = None) -> None:
         config.validate()
         self.device = resolve_device(config.device)
+        config = config.replace(precision=resolve_precision(config.precision, self.device))
         if config.precision != 'fp32' and self.device.type != 'cuda':
             raise ValueError(f'precision {config.precision} needs a CUDA device')
         self.backbone = backbone if backbone is not None else load_backbone(

@@ -62,6 +62,9 @@ class LearnerConfig:
     ``unknown_threshold <= 0`` turns that off (a threshold of 0 would reject about half of
     the taught frames, so no useful setting is lost).
 
+    ``precision='auto'`` picks per device (:func:`ros2_cbpnet.precision.default_precision`:
+    fp32 on CPU, bf16 on GPUs with native bf16, else fp16 with loss scaling).
+
     ``fast_paths=False`` switches off the performance savings of design.md section 3
     (shared trunk, one-task shortcut, trunk cache) for benchmarking; results are the same up
     to float rounding.
@@ -91,7 +94,7 @@ class LearnerConfig:
     prompt_selection: str = 'lda'
     prediction: str = 'stats'
     head_weight: float = 1.0
-    lda_shrinkage: float = 0.2
+    lda_shrinkage: float = 0.1
     feature_replay_coeff: float = 1.0
     g_prompt_first_task_only: bool = True
     grad_clip_norm: float = 1.0
@@ -110,8 +113,8 @@ class LearnerConfig:
         need(bool(self.backbone.strip()), 'backbone must be a timm model name')
         need(self.device in ('auto', 'cpu', 'cuda') or self.device.startswith('cuda:'),
              f"device must be auto, cpu or cuda[:N], not {self.device!r}")
-        need(self.precision in ('fp32', 'fp16', 'bf16'),
-             f'precision must be fp32, fp16 or bf16, not {self.precision!r}')
+        need(self.precision in ('auto', 'fp32', 'fp16', 'bf16'),
+             f'precision must be auto, fp32, fp16 or bf16, not {self.precision!r}')
         need(self.image_size == 0 or 16 <= self.image_size <= 1024,
              'image_size must be 0 (backbone default) or 16..1024')
         need(all(i >= 0 for i in self.query_layers) or self.query_layers == [-1],

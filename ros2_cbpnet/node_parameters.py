@@ -107,7 +107,9 @@ PARAMETERS: Dict[str, ParamSpec] = {
     'device': ParamSpec(_T.PARAMETER_STRING, 'torch device', constraints='auto, cpu, cuda or '
                         'cuda:N', **_RO),
     'precision': ParamSpec(_T.PARAMETER_STRING, 'inference/training precision; fp16 and bf16 '
-                           'need CUDA', constraints='fp32, fp16 or bf16', **_RO),
+                           'need CUDA; auto = fp32 on CPU, bf16 on GPUs with native bf16, '
+                           'else fp16 with loss scaling', constraints='auto, fp32, fp16 or '
+                           'bf16', **_RO),
     'image_size': ParamSpec(_T.PARAMETER_INTEGER, 'network input side in pixels (frames are '
                             'resized to a square); 0 = backbone default', 0, 1024, **_RO),
     'query_layers': ParamSpec(_T.PARAMETER_INTEGER_ARRAY, 'backbone layers whose pooled outputs '

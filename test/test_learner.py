@@ -323,3 +323,13 @@ def test_statistics_recipe_trains_nothing_and_learns_from_statistics(backbone, d
     learner.learn_task(*_task(digits, [3, 4, 5], per_class=30))
     acc = learner.evaluate(*_task(digits, [0, 1, 2, 3, 4, 5], 'test'))
     assert acc > 0.9, acc
+
+
+def test_precision_auto_is_fp32_on_a_cpu(backbone):
+    learner = ContinualLearner(LearnerConfig(image_size=48, device='cpu', precision='auto'),
+                               backbone=backbone)
+    assert learner.config.precision == 'fp32'
+    assert not learner.training_precision.uses_grad_scaler
+    with pytest.raises(ValueError, match='CUDA'):
+        ContinualLearner(LearnerConfig(image_size=48, device='cpu', precision='fp16'),
+                         backbone=backbone)

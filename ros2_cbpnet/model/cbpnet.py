@@ -68,7 +68,7 @@ class CBPNet(nn.Module):
                  cbp_replacement_rate: float = 1e-4, cbp_maturity_threshold: int = 100,
                  cbp_decay_rate: float = 0.99, cbp_enabled: bool = True,
                  prompt_selection: str = 'lda', prediction: str = 'task',
-                 head_weight: float = 1.0, lda_shrinkage: float = 0.2) -> None:
+                 head_weight: float = 1.0, lda_shrinkage: float = 0.1) -> None:
         super().__init__()
         if prompt_selection not in SELECTION_MODES:
             raise ValueError(f'prompt_selection must be one of {SELECTION_MODES}')

@@ -40,7 +40,7 @@ class ClassStatistics(nn.Module):
         shrinkage: weight of the isotropic part of the covariance, in [0, 1].
     """
 
-    def __init__(self, query_dim: int, feature_dim: int, shrinkage: float = 0.2) -> None:
+    def __init__(self, query_dim: int, feature_dim: int, shrinkage: float = 0.1) -> None:
         super().__init__()
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError('lda_shrinkage must be in [0, 1]')

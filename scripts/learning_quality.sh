@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Regenerates every learning-quality table and plot of the README (test splits, seeds 0,1,2).
+# Defaults were chosen beforehand on validation splits with scripts/sweep.py; nothing here
+# feeds back into a default. Results go to results/quality/ (not tracked by git); a finished
+# result file is kept, so a killed run resumes. On a quiet 2-core machine the whole set takes
+# a few hours; each part can be run alone:  scripts/learning_quality.sh fewshot
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EVAL=".venv/bin/cbpnet-eval"
+OUT=results/quality
+SEEDS=0,1,2
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+
+run() {  # run <result file> <cbpnet-eval options...>: skipped when already finished
+  local out="$1"; shift
+  if [ -f "$out" ] && ! grep -q '"partial": true' "$out"; then return 0; fi
+  echo "== $out" >&2
+  "$EVAL" "$@" --seeds "$SEEDS" --quiet --out "$out" > "${out%.json}.log" 2>&1
+}
+
+declare -A DATA=(
+  [digits]="--dataset digits"
+  [fmnist200]="--dataset fashion-mnist --train-per-class 200 --test-per-class 100"
+  [fmnist1000]="--dataset fashion-mnist --train-per-class 1000 --test-per-class 200"
+)
+PARTS=${*:-"compare ablation fewshot unknown lifetime"}
+
+for part in $PARTS; do
+  case $part in
+  compare)  # every method, 5 tasks of 2 classes
+    for d in digits fmnist200 fmnist1000; do
+      run "$OUT/${d}_methods.json" ${DATA[$d]} --tasks 5 \
+        --method cbpnet,cbpnet-nocbp,joint,dualprompt,lda,ranpac,ncm,linear --plot "$OUT/${d}_methods.png"
+      run "$OUT/${d}_baselines_multilayer.json" ${DATA[$d]} --tasks 5 --method lda,ranpac,ncm \
+        --baseline-query multilayer
+    done ;;
+  ablation)  # the learned parts on top of the statistics, one at a time
+    for d in digits fmnist200; do
+      run "$OUT/${d}_ablation_prompts.json" ${DATA[$d]} --tasks 5 --method cbpnet \
+        --prediction task --train-cbp-block false --tag "+ prompts and head"
+      run "$OUT/${d}_ablation_block.json" ${DATA[$d]} --tasks 5 --method cbpnet-nocbp \
+        --prediction task --tag "+ prompts, head, CBP block (no replacement)"
+      run "$OUT/${d}_ablation_cbp.json" ${DATA[$d]} --tasks 5 --method cbpnet \
+        --prediction task --tag "+ prompts, head, CBP block with replacement"
+      run "$OUT/${d}_ablation_joint.json" ${DATA[$d]} --tasks 5 --method joint \
+        --prediction task --tag "learned recipe, all classes at once"
+    done ;;
+  fewshot)  # a robot taught with a handful of views
+    for shots in 5 10 20; do
+      for d in digits fashion-mnist; do
+        run "$OUT/${d}_shots${shots}.json" --dataset $d --train-per-class $shots \
+          --test-per-class 100 --tasks 5 \
+          --method cbpnet,cbpnet-nocbp,joint,dualprompt,lda,ranpac,ncm,linear
+      done
+    done ;;
+  unknown)  # open world: the last 2 classes never taught
+    for d in digits fmnist200; do
+      run "$OUT/${d}_unknown.json" ${DATA[$d]} --tasks 4 --unknown-classes 2 --method cbpnet
+    done ;;
+  lifetime)  # 50 new pairs of classes; the learned recipe with CBP on and off
+    for d in digits fashion-mnist; do
+      run "$OUT/${d}_lifetime.json" --dataset $d --protocol lifetime --lifetime-tasks 50 \
+        --method cbpnet,cbpnet-nocbp --prediction task --plot "$OUT/${d}_lifetime.png"
+      run "$OUT/${d}_lifetime_stats.json" --dataset $d --protocol lifetime --lifetime-tasks 50 \
+        --method cbpnet
+    done ;;
+  *) echo "unknown part $part (compare ablation fewshot unknown lifetime)" >&2; exit 2 ;;
+  esac
+done
+echo "results in $OUT; tables: .venv/bin/cbpnet-eval --compare $OUT/<file>.json ..." >&2
