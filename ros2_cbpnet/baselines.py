@@ -143,8 +143,23 @@ class FrozenFeatureBaseline:
 
     def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,
                    progress: Optional[Callable[[Progress], None]] = None) -> TaskResult:
-        """Learn one new task whose classes are the labels given."""
+        """Learn one new task whose classes are the labels given (closed form: the frozen
+        features of the task are folded into the model by :meth:`_fit`)."""
+        started = time.monotonic()
+        labels = [str(label) for label in labels]
+        new = self._register(labels)
+        feats = self.features(images)
+        self._fit(new, labels, feats)
+        return self._finish_task(new, labels, feats, started, progress)
+
+    def _fit(self, new: List[str], labels: List[str], feats: torch.Tensor) -> None:
+        """Fold a task's features into the model (the new classes come after the old)."""
         raise NotImplementedError
+
+    def _new_class_ids(self, new: List[str], labels: List[str]) -> torch.Tensor:
+        """Head indices of ``labels`` once ``new`` is appended to the known classes."""
+        index = {c: len(self.classes) + i for i, c in enumerate(new)}
+        return torch.tensor([index[c] for c in labels], device=self.device)
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Score of each class for each feature row, shape (N, num_classes); higher wins."""
@@ -221,18 +236,12 @@ class NearestClassMean(FrozenFeatureBaseline):
         self.metric = metric
         self.class_means = torch.zeros(0, self.feature_dim, device=self.device)
 
-    def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,
-                   progress: Optional[Callable[[Progress], None]] = None) -> TaskResult:
+    def _fit(self, new: List[str], labels: List[str], feats: torch.Tensor) -> None:
         """Store the mean frozen feature of each new class."""
-        started = time.monotonic()
-        labels = [str(label) for label in labels]
-        new = self._register(labels)
-        feats = self.features(images)
         label_arr = np.asarray(labels)
         means = torch.stack([feats[torch.from_numpy(label_arr == c).to(self.device)].mean(0)
                              for c in new])
         self.class_means = torch.cat([self.class_means, means])
-        return self._finish_task(new, labels, feats, started, progress)
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to each class mean, or minus the squared Euclidean distance."""
@@ -344,18 +353,11 @@ class StreamingLDA(FrozenFeatureBaseline):
         self.shrinkage = float(shrinkage)
         self.stats = ClassStatistics(self.feature_dim, 1, self.shrinkage).to(self.device)
 
-    def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,
-                   progress: Optional[Callable[[Progress], None]] = None) -> TaskResult:
+    def _fit(self, new: List[str], labels: List[str], feats: torch.Tensor) -> None:
         """Merge the new classes into the class statistics."""
-        started = time.monotonic()
-        labels = [str(label) for label in labels]
-        new = self._register(labels)
-        feats = self.features(images)
-        start = self.stats.num_classes
+        y = self._new_class_ids(new, labels)
         self.stats.grow(len(new))
-        index = {c: start + i for i, c in enumerate(new)}
-        self.stats.add(torch.tensor([index[c] for c in labels], device=self.device), feats)
-        return self._finish_task(new, labels, feats, started, progress)
+        self.stats.add(y, feats)
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """log p(class | query) under the shrinkage LDA."""
@@ -402,17 +404,10 @@ class RandomProjectionRidge(FrozenFeatureBaseline):
     def _project(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.relu(feats.double() @ self.projection)
 
-    def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,
-                   progress: Optional[Callable[[Progress], None]] = None) -> TaskResult:
+    def _fit(self, new: List[str], labels: List[str], feats: torch.Tensor) -> None:
         """Accumulate the Gram matrix and class sums, then solve the ridge classifier."""
-        started = time.monotonic()
-        labels = [str(label) for label in labels]
-        new = self._register(labels)
-        feats = self.features(images)
         h = self._project(feats)
-        start = self.class_sums.shape[1]
-        index = {c: start + i for i, c in enumerate(new)}
-        y = torch.tensor([index[c] for c in labels], device=self.device)
+        y = self._new_class_ids(new, labels)
         self.gram += h.T @ h
         self.class_sums = torch.cat([self.class_sums, torch.zeros(
             self.projection_dim, len(new), dtype=torch.float64, device=self.device)], dim=1)
@@ -420,7 +415,6 @@ class RandomProjectionRidge(FrozenFeatureBaseline):
         lam = self.ridge * float(torch.diagonal(self.gram).mean())
         eye = torch.eye(self.projection_dim, dtype=torch.float64, device=self.device)
         self.weight = torch.linalg.solve(self.gram + lam * eye, self.class_sums)
-        return self._finish_task(new, labels, feats, started, progress)
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Ridge outputs over all classes seen so far."""

@@ -97,10 +97,14 @@ def plot_accuracy_curves(results: Sequence[dict[str, Any]], path: str,
     if title is None:
         datasets = sorted({str(r['dataset']) for r in results if r.get('dataset')})
         title = ', '.join(datasets) if datasets else None
+    return _save(fig, path, title)
+
+
+def _save(fig: Any, path: str, title: str | None) -> str:
+    """Title, tight layout, and the PNG written (missing parent folders created)."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fig.savefig(path, format='png')
@@ -153,10 +157,4 @@ def plot_lifetime(curves: dict[str, dict[str, Sequence[float]]], path: str,
         ax.grid(True, alpha=0.3)
         if k == 0:
             ax.legend(loc='lower left', fontsize='small')
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, format='png')
-    return path
+    return _save(fig, path, title)
