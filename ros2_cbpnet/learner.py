@@ -417,18 +417,12 @@ class ContinualLearner:
         known = set(base.classes)
         new_classes = sorted({label for label in labels if label not in known})
         refined = sorted({label for label in labels if label in known})
-        resized = np.empty((len(images), self.config.image_size, self.config.image_size, 3),
-                           dtype=np.uint8)
-        for start in range(0, len(images), _CHUNK):
-            _check_cancel(cancel)
-            try:
-                resized[start:start + _CHUNK] = resize_batch(images[start:start + _CHUNK],
-                                                             self.config.image_size)
-            except ValueError as exc:
-                raise LearningError(f'bad training image: {exc}') from exc
         c = self.config
         torch.manual_seed(c.seed + len(base.tasks))
         state = copy.deepcopy(base.state)
+        # Training draws batches at random, so it keeps the images resized (uint8); the
+        # statistics recipe reads them once and never holds more than a chunk.
+        resized = _TaskImages(images, c.image_size, keep=state.trains_prompts, cancel=cancel)
         index = {name: i for i, name in enumerate(base.classes)}
         task_id: Optional[int] = None
         if new_classes:
@@ -442,7 +436,7 @@ class ContinualLearner:
             new = torch.tensor([label not in known for label in labels], device=self.device)
             pick = torch.nonzero(new).flatten()
             data = TaskData(y[pick], queries[pick], None if trunk is None else trunk[pick],
-                            lambda idx: self._normalise(resized[pick[idx].cpu().numpy()]))
+                            lambda idx: self._normalise(resized.take(pick[idx].cpu().numpy())))
             generator = torch.Generator().manual_seed(c.seed + 1000 * len(base.tasks))
             try:
                 replaced, train_accuracy, epochs = train_task(
@@ -497,7 +491,7 @@ class ContinualLearner:
                 f'classes {revived} were forgotten; teach them under a new label')
         return labels
 
-    def _frozen_pass(self, state: CBPNet, resized: np.ndarray,
+    def _frozen_pass(self, state: CBPNet, resized: '_TaskImages',
                      cancel: Optional[threading.Event]
                      ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """Queries of all samples, and their trunk outputs when they fit the cache budget.
@@ -512,7 +506,7 @@ class ContinualLearner:
             for start in range(0, len(resized), _CHUNK):
                 _check_cancel(cancel)
                 h, taps = state.trunk_and_taps(self.backbone,
-                                               self._normalise(resized[start:start + _CHUNK]))
+                                               self._normalise(resized.chunk(start)))
                 queries.append(state.queries(self.backbone, h, taps).float())
                 cached_bytes += h.numel() * h.element_size()
                 keep = keep and cached_bytes <= self.config.trunk_cache_mb * 2 ** 20
@@ -520,7 +514,7 @@ class ContinualLearner:
         trunk = torch.cat(trunks) if keep and trunks else None
         return trunk, torch.cat(queries)
 
-    def _block_inputs(self, state: CBPNet, resized: np.ndarray, trunk: Optional[torch.Tensor],
+    def _block_inputs(self, state: CBPNet, resized: '_TaskImages', trunk: Optional[torch.Tensor],
                       task_ids: torch.Tensor, cancel: Optional[threading.Event] = None
                       ) -> torch.Tensor:
         """Prompted features (CBP block inputs) of samples, each with its class's E-prompt."""
@@ -529,7 +523,7 @@ class ContinualLearner:
             for start in range(0, len(resized), _CHUNK):
                 _check_cancel(cancel)
                 h = trunk[start:start + _CHUNK] if trunk is not None else self.backbone.trunk(
-                    self._normalise(resized[start:start + _CHUNK]), state.first_layer)
+                    self._normalise(resized.chunk(start)), state.first_layer)
                 out.append(state.prompted_features(self.backbone, h,
                                                    task_ids[start:start + _CHUNK]).float())
         return torch.cat(out)
@@ -728,6 +722,49 @@ class ContinualLearner:
             if older.tasks == current.tasks[:-1] and len(current.tasks) > len(older.tasks):
                 self._history = [older]
             return
+
+
+class _TaskImages:
+    """A task's images at the network input size, in chunks of :data:`_CHUNK`.
+
+    ``keep=True`` resizes them all once into one uint8 array (training needs random access);
+    otherwise every chunk is resized when it is read, so only a chunk is ever held.
+
+    Raises:
+        LearningError: an image is malformed (found when its chunk is resized).
+        LearningCancelled: ``cancel`` was set.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], size: int, *, keep: bool,
+                 cancel: Optional[threading.Event]) -> None:
+        self._images, self._size, self._cancel = images, size, cancel
+        self._kept: Optional[np.ndarray] = None
+        if keep:
+            self._kept = np.empty((len(images), size, size, 3), dtype=np.uint8)
+            for start in range(0, len(images), _CHUNK):
+                self._kept[start:start + _CHUNK] = self._resize(start)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def _resize(self, start: int) -> np.ndarray:
+        _check_cancel(self._cancel)
+        try:
+            return resize_batch(self._images[start:start + _CHUNK], self._size)
+        except ValueError as exc:
+            raise LearningError(f'bad training image: {exc}') from exc
+
+    def chunk(self, start: int) -> np.ndarray:
+        """Images ``start`` to ``start + _CHUNK`` (fewer at the end), uint8 (N, S, S, 3)."""
+        if self._kept is not None:
+            return self._kept[start:start + _CHUNK]
+        return self._resize(start)
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """Images at ``index`` (only when kept)."""
+        if self._kept is None:
+            raise RuntimeError('images were not kept for random access')
+        return self._kept[index]
 
 
 def _check_cancel(cancel: Optional[threading.Event]) -> None:
