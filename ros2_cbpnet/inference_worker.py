@@ -1,11 +1,13 @@
 """The inference thread: the newest frame of each camera, classified in batches.
 
-No ROS import here. Camera callbacks :meth:`InferenceWorker.submit` frames; a frame that a
-newer one of the same camera replaces before the thread took it is counted as dropped, so
-the node never falls behind its cameras. The thread hands whatever is waiting to the
-node's ``process`` function as one batch; a failing batch is counted (diagnostics turn
-ERROR after a few in a row) and the thread goes on; only a ``BaseException`` ends it, which
-diagnostics report as ERROR too.
+No ROS import here. Camera callbacks :meth:`InferenceWorker.submit` frames (the node's are
+already decoded and resized to the model input on the camera thread, so that work overlaps
+with the model on another core); a frame that a newer one of the same camera replaces before
+the thread took it is counted as dropped, so the node never falls behind its cameras. The
+thread hands whatever is waiting, at most one frame per camera, to the node's ``process``
+function as one batch (so several cameras share one model call); a failing batch is counted
+(diagnostics turn ERROR after a few in a row) and the thread goes on; only a
+``BaseException`` ends it, which diagnostics report as ERROR too.
 """
 from __future__ import annotations
 
@@ -52,17 +54,29 @@ class InferenceWorker:
         """True while the thread runs."""
         return self._thread.is_alive()
 
-    def submit(self, source: str, frame: Any, now: Optional[float] = None) -> None:
-        """Offer the newest frame of ``source`` (replacing one not yet taken)."""
+    def submit(self, source: str, frame: Any, now: Optional[float] = None, *,
+               counted: bool = False) -> None:
+        """Offer the newest frame of ``source`` (replacing one not yet taken, which is counted
+        as dropped); ``counted``: :meth:`count_received` was already called for it."""
         now = time.monotonic() if now is None else now
         with self._cond:
             with self._stats.lock:
-                self._stats.received += 1
-                self._stats.last_frame_at = now
+                if not counted:
+                    self._count(now)
                 if source in self._pending:
                     self._stats.dropped += 1
             self._pending[source] = frame
             self._cond.notify()
+
+    def count_received(self, now: Optional[float] = None) -> None:
+        """Count a camera frame as received (the node calls this on arrival, before decoding,
+        so that a frame it rejects counts as received too)."""
+        with self._stats.lock:
+            self._count(time.monotonic() if now is None else now)
+
+    def _count(self, now: float) -> None:
+        self._stats.received += 1
+        self._stats.last_frame_at = now
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop and join the thread (idempotent; safe from the thread itself)."""

@@ -19,15 +19,20 @@ Every topic, service and parameter is created in :meth:`CBPNetNode._create_inter
 
 The node class is the ROS wiring; the work is in modules without ROS imports:
 :mod:`~ros2_cbpnet.inference_worker` (the newest frame per camera, classified in batches on
-one thread), :mod:`~ros2_cbpnet.model_manager` (learn on one dedicated thread while the
-service callback waits, cancel, undo, forget, save: one change at a time, each followed by a
-checkpoint and ``~/labels``), :mod:`~ros2_cbpnet.teaching`, and the ROS-facing helpers
-:mod:`~ros2_cbpnet.node_parameters`, :mod:`~ros2_cbpnet.node_diagnostics`,
-:mod:`~ros2_cbpnet.vision_msgs_bridge` and :mod:`~ros2_cbpnet.ros_logging` (the package's
-Python logger goes to ``/rosout``). Inference keeps using the previous model while a task is
-learned (the learner swaps models atomically). Labelled images, camera and teach, forget,
-learn_task (reentrant: a second call is refused at once), cancel, the other services and
-diagnostics each have their own callback group; no exception leaves a callback.
+one thread; frames arrive decoded and resized to the model input by
+:mod:`~ros2_cbpnet.image_codec` on the camera thread), :mod:`~ros2_cbpnet.model_manager`
+(learn on one dedicated thread while the service callback waits, cancel, undo, forget, save:
+one change at a time, each followed by a checkpoint and ``~/labels``),
+:mod:`~ros2_cbpnet.teaching`, and the ROS-facing helpers :mod:`~ros2_cbpnet.node_parameters`,
+:mod:`~ros2_cbpnet.node_diagnostics`, :mod:`~ros2_cbpnet.vision_msgs_bridge` and
+:mod:`~ros2_cbpnet.ros_logging` (the package's Python logger goes to ``/rosout``). Inference
+keeps using the previous model while a task is learned (the learner swaps models
+atomically). The camera subscriptions are run by a ``SingleThreadedExecutor`` on a thread
+of their own, whatever executor spins the node (:mod:`~ros2_cbpnet.camera_input`: a
+multi-threaded executor cost more CPU per frame than the model); labelled images, teach,
+forget, learn_task (reentrant: a second call is refused at once), cancel, the other services
+and diagnostics each have their own callback group on the executor that spins the node; no
+exception leaves a callback.
 """
 from __future__ import annotations
 
@@ -59,7 +64,9 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from . import checkpoint as ckpt
+from .camera_input import CameraInput
 from .image_codec import ImageRejected, compressed_msg_to_rgb, draw_label, image_msg_to_rgb
+from .image_resize import resize_image
 from .inference_worker import InferenceWorker
 from .learner import ARCH_FIELDS, ContinualLearner, LearnerConfig, Prediction, Progress
 from .model.backbones import BackboneLoadError
@@ -80,9 +87,14 @@ __all__ = ['CBPNetNode', 'ConfigError', 'DEFAULTS', 'PARAMETERS', 'check_paramet
 
 #: Seconds main() waits, after SIGINT, for a cancelled task to stop before exiting anyway.
 EXIT_WAIT_S = 3.0
-#: Executor threads: learn_task (+1 to refuse a concurrent call), labelled images, camera and
-#: teach, forget, services, cancel, diagnostics, parameter services, and one spare.
+#: Executor threads: learn_task (+1 to refuse a concurrent call), labelled images, teach,
+#: forget, services, cancel, diagnostics, parameter services, and one spare. (The cameras
+#: have a thread of their own: :mod:`ros2_cbpnet.camera_input`.)
 EXECUTOR_THREADS = 10
+#: History depth of ``image_qos: reliable`` camera subscriptions. The node classifies only the
+#: newest frame of a camera anyway; a deeper queue only hands it older frames to replace
+#: after it fell behind (each one received, decoded and dropped).
+RELIABLE_CAMERA_DEPTH = 5
 
 #: Training samples and forget requests: reliable and keep-all, so a publisher that sends
 #: faster than the node takes them is slowed down by DDS flow control instead of having
@@ -141,11 +153,13 @@ def _guarded_callback(name: str) -> Callable:
 
 @dataclass
 class _Frame:
+    """A camera frame on its way to the model: decoded and resized on arrival."""
+
     topic: str
-    msg: Any
-    compressed: bool
+    header: Any
     received: float
-    rgb: Optional[np.ndarray] = None
+    rgb: np.ndarray                     # the model input, image_size x image_size RGB
+    full: Optional[np.ndarray] = None   # the whole frame, kept only for ~/debug_image
 
 
 class CBPNetNode(Node):
@@ -162,6 +176,7 @@ class CBPNetNode(Node):
         super().__init__(node_name, **kwargs)
         self._worker: Optional[InferenceWorker] = None
         self._model: Optional[ModelManager] = None
+        self._cameras: Optional[CameraInput] = None
         # From the start, so what the learner logs while loading checkpoints reaches /rosout.
         self._log_handler: Optional[Any] = forward_package_logs(self.get_logger())
         try:
@@ -208,6 +223,7 @@ class CBPNetNode(Node):
             self.add_on_set_parameters_callback(self._validate_and_apply)
         self._publish_model()
         self._worker.start()
+        self._cameras.start()
         self.get_logger().info(
             f'ready: backbone {c.backbone} on {self.learner.device} at {c.image_size} px, '
             f'cameras {self._camera_topics}, '
@@ -247,22 +263,23 @@ class CBPNetNode(Node):
 
     def _create_interfaces(self) -> None:
         """Every subscription, service, publisher and timer of the node."""
-        camera_group = MutuallyExclusiveCallbackGroup()
         if self._values['image_qos'] == 'reliable':
-            camera_qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE,
+            camera_qos = QoSProfile(depth=RELIABLE_CAMERA_DEPTH,
+                                    reliability=ReliabilityPolicy.RELIABLE,
                                     history=HistoryPolicy.KEEP_LAST)
         else:  # sensor_data as the contract defines it: best effort, keep only the newest
             camera_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
                                     history=HistoryPolicy.KEEP_LAST,
                                     durability=DurabilityPolicy.VOLATILE)
+        # This node's subscriptions, run on a thread of their own (ros2_cbpnet.camera_input).
+        self._cameras = CameraInput(self)
         self._camera_topics: List[str] = []
         for topic in self._values['image_topics']:
             # The type follows the name after remapping: image:=/cam/image_raw/compressed.
             compressed = self.resolve_topic_name(topic).rstrip('/').endswith('/compressed')
-            sub = self.create_subscription(
+            sub = self._cameras.subscribe(
                 CompressedImage if compressed else Image, topic,
-                self._camera_callback(len(self._camera_topics), compressed), camera_qos,
-                callback_group=camera_group)
+                self._camera_callback(len(self._camera_topics), compressed), camera_qos)
             self._camera_topics.append(sub.topic_name)  # resolved: namespace, remapping
         labelled_group = MutuallyExclusiveCallbackGroup()
         self._labelled_topics = [
@@ -275,7 +292,7 @@ class CBPNetNode(Node):
         self._teach_topic = self.create_subscription(
             String, '~/teach', self._on_teach, QoSProfile(
                 depth=10, reliability=ReliabilityPolicy.RELIABLE),
-            callback_group=camera_group).topic_name
+            callback_group=MutuallyExclusiveCallbackGroup()).topic_name
         self.create_subscription(String, '~/forget', self._on_forget, LOSSLESS_QOS,
                                  callback_group=MutuallyExclusiveCallbackGroup())
 
@@ -364,18 +381,36 @@ class CBPNetNode(Node):
 
     # ----------------------------------------------------------------- input
     def _camera_callback(self, index: int, compressed: bool) -> Callable[[Any], None]:
-        def callback(msg: Any) -> None:
+        """The callback of camera ``index`` (runs on the camera thread)."""
+        @_guarded_callback('camera')
+        def callback(self: 'CBPNetNode', msg: Any) -> None:
+            now = time.monotonic()
             topic = self._camera_topics[index]
-            self._worker.submit(topic, _Frame(topic, msg, compressed, time.monotonic()))
-        return callback
+            self._worker.count_received(now)
+            # Decoded here, on the camera thread, straight to the model input (OpenCV releases
+            # the GIL, so this overlaps with the model on the inference thread); the whole
+            # frame only while someone watches ~/debug_image.
+            size = self.learner.config.image_size
+            full = None
+            if self._debug_pub.get_subscription_count() > 0:
+                full = self._decode(msg, compressed, topic, 'camera')
+                rgb = None if full is None else resize_image(full, size)
+            else:
+                rgb = self._decode(msg, compressed, topic, 'camera', size=size)
+            if rgb is not None:
+                self._worker.submit(topic, _Frame(topic, msg.header, now, rgb, full), now,
+                                    counted=True)
+        return functools.partial(callback, self)
 
-    def _decode(self, msg: Any, compressed: bool, source: str, kind: str
+    def _decode(self, msg: Any, compressed: bool, source: str, kind: str, *, size: int = 0
                 ) -> Optional[np.ndarray]:
+        """The RGB image of ``msg`` (``size`` x ``size`` when ``size``), or None when it is
+        rejected (counted and logged)."""
         max_pixels = self._values['max_image_pixels']
         try:
             if compressed:
-                return compressed_msg_to_rgb(msg, max_pixels)
-            return image_msg_to_rgb(msg, max_pixels)
+                return compressed_msg_to_rgb(msg, max_pixels, size=size)
+            return image_msg_to_rgb(msg, max_pixels, size=size)
         except ImageRejected as exc:
             self._reject(exc.reason, source, kind, str(exc))
         except Exception as exc:  # noqa: BLE001 - no malformed message may kill the node
@@ -448,26 +483,24 @@ class CBPNetNode(Node):
 
     # ----------------------------------------------------------------- inference
     def _process(self, frames: List[_Frame]) -> None:
-        """Decode, teach, classify one batch and publish (on the inference thread)."""
+        """Teach, classify one batch (one frame per camera at most) and publish (on the
+        inference thread; the frames were decoded on arrival)."""
         now = time.monotonic()
-        ready = []
         for frame in frames:
-            frame.rgb = self._decode(frame.msg, frame.compressed, frame.topic, 'camera')
-            if frame.rgb is not None:
-                self._maybe_teach(frame.rgb, now)
-                ready.append(frame)
-        if not ready or not self.learner.classes:
+            self._maybe_teach(frame.rgb, now)
+        if not frames or not self.learner.classes:
             return
-        predictions = self.learner.predict([f.rgb for f in ready], top_k=self._values['top_k'])
+        predictions = self.learner.predict([f.rgb for f in frames],
+                                           top_k=self._values['top_k'])
         want_debug = self._debug_pub.get_subscription_count() > 0
         vision = self._classification_pub if self._values['publish_vision_msgs'] else None
-        for frame, pred in zip(ready, predictions):
+        for frame, pred in zip(frames, predictions):
             latency_ms = (time.monotonic() - frame.received) * 1000.0
-            record = prediction_record(pred, frame.msg.header, frame.topic, latency_ms)
+            record = prediction_record(pred, frame.header, frame.topic, latency_ms)
             self._predictions_pub.publish(String(data=json.dumps(record)))
             if vision is not None:
                 vision.publish(classification_message(
-                    frame.msg.header, hypotheses(pred.label, pred.score, pred.known, pred.topk),
+                    frame.header, hypotheses(pred.label, pred.score, pred.known, pred.topk),
                     self._vision))
             with self._stats.lock:
                 self._stats.classified += 1
@@ -488,9 +521,10 @@ class CBPNetNode(Node):
                 self._stats.teach_samples += 1
 
     def _publish_debug(self, frame: _Frame, label: str, score: float) -> None:
-        bgr = draw_label(frame.rgb, label, score)
+        # A frame that arrived before the first debug subscriber has only the model input.
+        bgr = draw_label(frame.full if frame.full is not None else frame.rgb, label, score)
         msg = Image()
-        msg.header = frame.msg.header
+        msg.header = frame.header
         msg.height, msg.width = int(bgr.shape[0]), int(bgr.shape[1])
         msg.encoding = 'bgr8'
         msg.step = int(bgr.shape[1] * 3)
@@ -586,6 +620,7 @@ class CBPNetNode(Node):
             array.status = [
                 self._diag.inference(
                     self._stats, now, worker_alive=self._worker.alive,
+                    camera_thread_alive=self._cameras.alive,
                     num_tasks=learner.num_tasks, topics=self._camera_topics,
                     static={'device': str(learner.device), 'backbone': learner.config.backbone,
                             'image_size': learner.config.image_size, 'vision_msgs': vision}),
@@ -597,7 +632,10 @@ class CBPNetNode(Node):
 
     # ----------------------------------------------------------------- shutdown
     def stop(self) -> None:
-        """Cancel learning and stop the inference thread (idempotent; before shutdown)."""
+        """Stop the camera thread, cancel learning and stop the inference thread (idempotent;
+        before the executor that spins the node is shut down)."""
+        if self._cameras is not None:
+            self._cameras.stop()
         if self._model is not None:
             self._model.stop()
         if self._worker is not None:
@@ -609,8 +647,10 @@ class CBPNetNode(Node):
         return self._model is None or self._model.wait_idle(timeout)
 
     def destroy_node(self) -> None:
-        """Stop the worker, then destroy the ROS entities."""
+        """Stop the threads, shut the camera executor down, then destroy the ROS entities."""
         self.stop()
+        if self._cameras is not None:
+            self._cameras.destroy()
         if self._log_handler is not None:
             stop_forwarding(self._log_handler)
             self._log_handler = None

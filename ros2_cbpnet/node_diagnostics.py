@@ -8,7 +8,8 @@ names the node, its host and its device. Values are strings (lists and dicts as 
 - ``inference``: rates, counters (received, classified, dropped, rejected per reason and per
   input), latency, device, backbone. OK while frames are classified; WARN when no camera
   frame arrived for :data:`STALE_INPUT_S` or every frame of the last period was rejected;
-  ERROR when the inference thread died or its last :data:`FAILING_AFTER` batches failed.
+  ERROR when the inference thread or the camera thread died or the last
+  :data:`FAILING_AFTER` batches failed.
 - ``learner``: state, tasks, classes, buffer, teaching, labelled-image counters, last change.
   WARN until a task is learned and after a failed ``learn_task``.
 - ``cbp block``: the learner's ``cbp_stats()``.
@@ -94,12 +95,15 @@ class InferenceHealth:
     received_in_period: int
     rejected_in_period: int
     topics: Sequence[str] = ()
+    camera_thread_alive: bool = True   # the thread that receives and decodes camera frames
 
 
 def inference_health(h: InferenceHealth) -> Tuple[bytes, str]:
     """``(level, message)`` of the inference status (see the module docstring)."""
     if not h.worker_alive:
         return ERROR, 'the inference thread stopped; restart the node'
+    if not h.camera_thread_alive:
+        return ERROR, 'the camera thread stopped; restart the node'
     if h.failed_batches >= FAILING_AFTER:
         return ERROR, f'inference failing ({h.failed_batches} batches in a row): {h.last_error}'
     if h.seconds_since_frame is None:
@@ -148,7 +152,8 @@ class StatusBuilder:
                     for k, v in values.items()])
 
     def inference(self, stats: NodeStats, now: float, *, worker_alive: bool, num_tasks: int,
-                  topics: List[str], static: Dict[str, Any]) -> DiagnosticStatus:
+                  topics: List[str], static: Dict[str, Any], camera_thread_alive: bool = True
+                  ) -> DiagnosticStatus:
         """The ``inference`` status; rates are over the time since the previous call."""
         with stats.lock:
             then, received0, classified0, rejected0 = stats.last_report
@@ -165,7 +170,8 @@ class StatusBuilder:
                 else now - stats.last_frame_at,
                 seconds_since_start=now - stats.started,
                 received_in_period=received - received0,
-                rejected_in_period=rejected_camera - rejected0, topics=topics)
+                rejected_in_period=rejected_camera - rejected0, topics=topics,
+                camera_thread_alive=camera_thread_alive)
             counters = {'dropped_frames': stats.dropped, 'debug_images': stats.debug_images,
                         'frames_processed': stats.frames_processed,
                         'classifications_published': stats.classifications,

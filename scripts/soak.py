@@ -18,17 +18,33 @@ Exit status: 0; 1 when the node died (or did not stop cleanly); 3 when ``--max-g
 is given and exceeded.
 
 DDS stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) in a ROS domain of its
-own unless ROS_DOMAIN_ID is set. Example: ``make soak SOAK_ARGS="--minutes 10 --plot
-results/soak.png"``.
+own, locked for the run by ``scripts/ros_domain.py`` (so two runs never share one), unless
+ROS_DOMAIN_ID is set. The node runs under the namespace ``/soak<pid>``, so its diagnostics
+statuses are named ``soak<pid>/cbpnet: <task>`` (``node_diagnostics.status_prefix``).
+Example: ``make soak SOAK_ARGS="--minutes 10 --plot results/soak.png"``.
 """
 from __future__ import annotations
 
 import os
 import sys
 
+
+def _lock_domain() -> None:
+    """A ROS domain id locked for this process (scripts/ros_domain.py), unless one is set."""
+    if os.environ.get('ROS_DOMAIN_ID', '').strip():
+        return
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ros_domain.py')
+    spec = importlib.util.spec_from_file_location('ros2_cbpnet_ros_domain', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.ensure_domains(1)  # held until this process exits; the node inherits the id
+
+
 # Before rclpy is imported: loopback discovery, a domain of our own (docs/environment.md).
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-os.environ.setdefault('ROS_DOMAIN_ID', str(os.getpid() % 90 + 5))
+if __name__ == '__main__':  # importing the module (tests use its helpers) changes nothing
+    _lock_domain()
 os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)
 os.environ['HF_HUB_OFFLINE'] = '1'
 
@@ -58,9 +74,12 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg  # noqa: E402
+from ros2_cbpnet.node_diagnostics import status_prefix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = f'/soak{os.getpid()}'
+#: The node's status names start with this and ': ' (``soak<pid>/cbpnet: learner``).
+STATUS_PREFIX = status_prefix(f'{NAMESPACE}/cbpnet')
 
 
 def rss_kb(pid: int) -> Optional[int]:
@@ -117,12 +136,12 @@ class Client(Node):
     def _diagnostics(self, msg: DiagnosticArray) -> None:
         with self.lock:
             for status in msg.status:
-                if status.name.startswith('cbpnet:'):
+                if status.name.startswith(f'{STATUS_PREFIX}:'):
                     self.status[status.name] = {kv.key: kv.value for kv in status.values}
 
     def value(self, status: str, key: str, default: Any = None) -> Any:
         with self.lock:
-            return self.status.get(f'cbpnet: {status}', {}).get(key, default)
+            return self.status.get(f'{STATUS_PREFIX}: {status}', {}).get(key, default)
 
     def call(self, name: str, timeout: float) -> Optional[Trigger.Response]:
         client = self.clients_[name]

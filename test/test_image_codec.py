@@ -633,3 +633,156 @@ def test_fuzz_compressed():
             assert out.flags['C_CONTIGUOUS'] and 0 < out.shape[0] * out.shape[1] <= 50_000
             outcomes['ok'] += 1
     assert sum(outcomes.values()) - outcomes['ok'] > 100, outcomes
+
+
+# ---------------------------------------------------------------- decoding to the model input
+# (size=...: what the node does with camera frames; see ros2_cbpnet.image_resize for the
+# tolerances of the fast resize against the one-step reference)
+
+def noisy_scene(height, width, seed=0):
+    """Gradients, sharp-edged discs and sensor noise: the hard case for resampling."""
+    r = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 127 // (height + width)],
+                   -1).astype(np.uint8)
+    for _ in range(20):
+        colour = tuple(int(v) for v in r.integers(0, 255, 3))
+        cv2.circle(img, (int(r.integers(width)), int(r.integers(height))),
+                   int(r.integers(3, max(4, height // 4))), colour, -1)
+    return np.clip(img + r.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+def reference_resize(rgb, size):
+    shrink = rgb.shape[0] > size or rgb.shape[1] > size
+    return cv2.resize(rgb, (size, size),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def assert_close(out, ref):
+    from ros2_cbpnet.image_resize import MEAN_ABS_TOLERANCE, P99_ABS_TOLERANCE
+    d = np.abs(out.astype(np.int16) - ref.astype(np.int16))
+    mean, p99 = float(d.mean()), float(np.percentile(d, 99))
+    assert mean <= MEAN_ABS_TOLERANCE and p99 <= P99_ABS_TOLERANCE, (mean, p99)
+
+
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16'])
+@pytest.mark.parametrize('size', [64, 128, 224])
+def test_raw_decode_to_size_is_the_full_decode_resized(encoding, size):
+    """8-bit RGB/BGR(A)/mono are resized before the channel conversion, which commutes with
+    it: the same pixels as converting first. Others convert at full size, then resize."""
+    from ros2_cbpnet.image_resize import resize_image
+    msg = rgb_to_image_msg(noisy_scene(480, 640, size), encoding)
+    full = image_msg_to_rgb(msg)
+    out = image_msg_to_rgb(msg, size=size)
+    assert_rgb(out, size, size)
+    np.testing.assert_array_equal(out, resize_image(full, size))
+    assert_close(out, reference_resize(full, size))
+
+
+@pytest.mark.parametrize('encoding', ['bayer_rggb8', 'yuv422', 'bgr16'])
+def test_raw_decode_to_size_of_mosaics_and_16_bit(rng, encoding):
+    from ros2_cbpnet.image_resize import resize_image
+    bpp = image_codec._RAW_LAYOUT[encoding][0]
+    msg = raw_msg(encoding, 96, 128, 128 * bpp + 6,
+                  rng.integers(0, 256, 96 * (128 * bpp + 6), dtype=np.uint8).tobytes())
+    out = image_msg_to_rgb(msg, size=32)
+    assert_rgb(out, 32, 32)
+    np.testing.assert_array_equal(out, resize_image(image_msg_to_rgb(msg), 32))
+
+
+def test_raw_decode_to_size_reads_padded_rows_and_never_aliases(rng):
+    img = noisy_scene(120, 160)
+    bgr = img[..., ::-1]
+    padded = np.zeros((120, 160 * 3 + 8), np.uint8)
+    padded[:, :480] = bgr.reshape(120, -1)
+    data = bytearray(padded.tobytes())
+    msg = raw_msg('bgr8', 120, 160, 488, data)
+    out = image_msg_to_rgb(msg, size=48)
+    np.testing.assert_array_equal(out, image_msg_to_rgb(raw_msg('bgr8', 120, 160, 480,
+                                                                bgr.tobytes()), size=48))
+    before = out.copy()
+    data[:] = bytes(len(data))  # the message buffer is reused: the result must not change
+    np.testing.assert_array_equal(out, before)
+    same = image_msg_to_rgb(rgb_to_image_msg(img[:48, :48], 'rgb8'), size=48)
+    np.testing.assert_array_equal(same, img[:48, :48])  # already the size: an exact copy
+
+
+@pytest.mark.parametrize('width, height, size, factor', [
+    (640, 480, 128, 2), (640, 480, 64, 4), (640, 480, 224, 1), (640, 480, 0, 1),
+    (1920, 1080, 128, 4), (1920, 1080, 64, 8), (1280, 720, 224, 2), (641, 481, 64, 1),
+    (644, 484, 64, 4), (320, 240, 128, 1), (100, 90, 128, 1)])
+def test_jpeg_reduction_factor(width, height, size, factor):
+    """The largest 1/2, 1/4, 1/8 scale that divides both sides and leaves >= 1.5 * size."""
+    assert image_codec.jpeg_reduction(width, height, size) == factor
+
+
+@pytest.mark.parametrize('height, width, size', [(480, 640, 128), (480, 640, 64),
+                                                 (1080, 1920, 128), (720, 1280, 224),
+                                                 (481, 641, 128), (240, 320, 128)])
+def test_reduced_jpeg_decode_matches_full_decode_and_resize(monkeypatch, height, width, size):
+    img = noisy_scene(height, width, size)
+    msg = rgb_to_compressed_msg(img, 'jpeg', quality=80)
+    full = compressed_msg_to_rgb(msg)
+    flags_seen = []
+    real = cv2.imdecode
+
+    def spy(buf, flags):
+        flags_seen.append(flags)
+        return real(buf, flags)
+
+    monkeypatch.setattr(image_codec.cv2, 'imdecode', spy)
+    out = compressed_msg_to_rgb(msg, size=size)
+    assert_rgb(out, size, size)
+    assert_close(out, reference_resize(full, size))
+    factor = image_codec.jpeg_reduction(width, height, size)
+    reduced = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+               8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+    assert flags_seen == [image_codec._IMREAD_FLAGS | reduced.get(factor, 0)]
+    if (height, width, size) == (480, 640, 128):
+        assert factor == 2  # the case the node meets most: a VGA camera at the default size
+
+
+def test_png_decode_to_size_is_full_decode_and_resize():
+    from ros2_cbpnet.image_resize import resize_image
+    img = noisy_scene(240, 320)
+    msg = rgb_to_compressed_msg(img, 'png')
+    out = compressed_msg_to_rgb(msg, size=64)
+    np.testing.assert_array_equal(out, resize_image(img, 64))  # PNG is lossless
+
+
+def test_decode_to_size_keeps_every_validation(monkeypatch, rng):
+    """Size limits come from the header before any decoding; truncated, garbage and
+    non-image data are rejected exactly as without ``size``."""
+    jpg = encode(noisy_scene(480, 640)[..., ::-1], '.jpg')
+    png = encode(smooth_rgb()[..., ::-1], '.png')
+    for data, reason in ((jpg[:len(jpg) // 2], 'bad_compressed'),
+                         (jpg[:len(jpg) - 2], 'bad_compressed'),
+                         (b'\xff\xd8' + rng.bytes(400), 'bad_compressed'),
+                         (png[:len(png) // 2], 'bad_compressed'),
+                         (rng.bytes(500), 'bad_format'), (b'', 'empty')):
+        rejected(reason, compressed_msg_to_rgb, comp_msg(data), size=64)
+    rejected('too_large', compressed_msg_to_rgb, comp_msg(jpg), max_pixels=640 * 480 - 1,
+             size=64)
+    rejected('too_large', image_msg_to_rgb, raw_msg('rgb8', 480, 640, 1920, bytes(921600)),
+             max_pixels=1000, size=64)
+    rejected('short_data', image_msg_to_rgb, raw_msg('bgr8', 48, 64, 192, bytes(100)), size=16)
+    with pytest.raises(ValueError, match='size'):
+        image_msg_to_rgb(raw_msg('bgr8', 2, 2, 6, bytes(12)), size=-1)
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError('imdecode must not be called for an oversized image')
+
+    monkeypatch.setattr(image_codec.cv2, 'imdecode', no_decode)
+    exc = rejected('too_large', compressed_msg_to_rgb,
+                   comp_msg(_set_jpeg_size(jpg, 60000, 60000)), size=64)
+    assert '60000x60000' in str(exc)
+
+
+def test_reduced_decode_larger_than_its_header_is_refused(monkeypatch):
+    """A decoder that disagrees with the header it was checked by (a reduced decode bigger
+    than header / factor) is refused, as a full decode bigger than max_pixels is."""
+    jpg = encode(noisy_scene(480, 640)[..., ::-1], '.jpg')
+    monkeypatch.setattr(image_codec.cv2, 'imdecode',
+                        lambda buf, flags: np.zeros((480, 640, 3), np.uint8))
+    exc = rejected('too_large', compressed_msg_to_rgb, comp_msg(jpg), size=128)
+    assert '1/2 scale' in str(exc)
