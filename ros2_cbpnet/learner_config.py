@@ -102,7 +102,10 @@ class LearnerConfig:
     fast_paths: bool = True
     seed: int = 0
     top_k: int = 5
-    unknown_threshold: float = 0.0
+    # Chosen on validation splits (digits, Fashion-MNIST; 2 classes held out, 3 seeds): the
+    # largest 95th percentile of taught frames' novelty was 1.44, so at most ~5% of taught
+    # frames are called unknown.
+    unknown_threshold: float = 1.5
     unknown_label: str = 'unknown'
 
     def validate(self) -> None:

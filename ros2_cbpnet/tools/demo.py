@@ -278,9 +278,10 @@ class DemoClient:
         return bool(response.success), reply
 
     def classify(self, images: Sequence[np.ndarray], tag: str, timeout_s: float = 30.0
-                 ) -> List[Optional[str]]:
-        """Stream frames over the cameras, one per camera at a time; the predicted labels."""
-        out: List[Optional[str]] = []
+                 ) -> List[Optional[Dict[str, Any]]]:
+        """Stream frames over the cameras, one per camera at a time; the prediction of each
+        (None where none came)."""
+        out: List[Optional[Dict[str, Any]]] = []
         for start in range(0, len(images), NUM_CAMERAS):
             batch = images[start:start + NUM_CAMERAS]
             ids = [f'{tag}:{start + i}' for i in range(len(batch))]
@@ -288,7 +289,7 @@ class DemoClient:
                 pub.publish(self._image(img, frame_id))
             self.wait_for(lambda: all(i in self.predictions for i in ids), timeout_s)
             with self._cond:
-                out.extend(self.predictions.pop(i, {}).get('label') for i in ids)
+                out.extend(self.predictions.pop(i, None) for i in ids)
         return out
 
     def close(self) -> None:
@@ -314,18 +315,29 @@ def _params_file(path: Path, args: argparse.Namespace, checkpoint_dir: Path,
     path.write_text('\n'.join(lines) + '\n')
 
 
+def _best_taught(prediction: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The best taught class of a prediction, also when it was called unknown."""
+    if not prediction:
+        return None
+    topk = prediction.get('topk') or []
+    return topk[0]['label'] if topk else prediction.get('label')
+
+
 def _score(client: DemoClient, ds: ImageDataset, tasks: List[List[int]], upto: int,
-           tag: str) -> Tuple[List[float], int, int]:
-    """Accuracy on each task 0..upto; frames sent; frames that got no prediction."""
-    row, sent, missing = [], 0, 0
+           tag: str) -> Tuple[List[float], int, int, int]:
+    """Accuracy (of the best taught class) on each task 0..upto; frames sent; frames that got
+    no prediction; taught-class frames the node called unknown."""
+    row, sent, missing, unknown = [], 0, 0, 0
     for j in range(upto + 1):
         x, y = task_subset(ds.test_images, ds.test_labels, tasks[j])
         predicted = client.classify(list(x), f'{tag}-t{j}')
         missing += sum(p is None for p in predicted)
+        unknown += sum(p is not None and p.get('known') is False for p in predicted)
         sent += len(predicted)
         truth = [ds.classes[i] for i in y]
-        row.append(float(np.mean([p == t for p, t in zip(predicted, truth)])) if truth else 0.0)
-    return row, sent, missing
+        row.append(float(np.mean([_best_taught(p) == t for p, t in zip(predicted, truth)]))
+                   if truth else 0.0)
+    return row, sent, missing, unknown
 
 
 def run(args: argparse.Namespace) -> int:
@@ -357,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
     acc: List[List[float]] = []
     results: List[Dict[str, Any]] = []
     restarts: List[Dict[str, Any]] = []
-    sent_total, missing_total = 0, 0
+    sent_total, missing_total, unknown_total = 0, 0, 0
     code = 0
     started = time.monotonic()
     try:
@@ -375,13 +387,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"  learned in {reply['duration_s']:.1f} s, train accuracy "
                   f"{reply['train_accuracy']:.3f}, {reply['replaced_units']} CBP "
                   f"replacements, checkpoint {reply.get('checkpoint')}", flush=True)
-            row, sent, missing = _score(client, ds, tasks, t, f'after{t}')
+            row, sent, missing, unknown = _score(client, ds, tasks, t, f'after{t}')
             sent_total += sent
             missing_total += missing
+            unknown_total += unknown
             acc.append(row)
             print('  accuracy per task so far: ' + '  '.join(
-                f'T{j}={a:.3f}' for j, a in enumerate(row)) + f'  (mean {np.mean(row):.3f})',
-                flush=True)
+                f'T{j}={a:.3f}' for j, a in enumerate(row)) + f'  (mean {np.mean(row):.3f}); '
+                f'{unknown} of {sent} taught-class frames called unknown', flush=True)
             if args.restart_between_tasks and t < len(tasks) - 1:
                 node, report = _restart(client, node, params, out_dir, env, args, ds, tasks,
                                         t, row)
@@ -405,6 +418,7 @@ def run(args: argparse.Namespace) -> int:
     summary: Dict[str, Any] = {
         'dataset': args.dataset, 'tasks': [[ds.classes[c] for c in t] for t in tasks],
         'acc_matrix': acc, 'task_results': results, 'missing_predictions': missing_total,
+        'frames_scored': sent_total, 'taught_frames_called_unknown': unknown_total,
         'cbp': cbp, 'learner': {k: learner_diag.get(k) for k in ('tasks', 'classes',
                                                                  'model_version')},
         'inference': {k: inference.get(k) for k in (
@@ -420,6 +434,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"average accuracy {summary['average_accuracy']:.3f}, forgetting "
               f"{summary['forgetting']:.3f}, learning accuracy "
               f"{summary['learning_accuracy']:.3f}")
+        print(f'{unknown_total} of {sent_total} taught-class test frames called unknown '
+              '(accuracy above counts their best taught class)')
         print(f"CBP block: {cbp.get('replacements_total')} replacements in total, dormant "
               f"fraction {cbp.get('dormant_fraction')}, mean utility "
               f"{cbp.get('utility_mean')}")
@@ -455,7 +471,7 @@ def _restart(client: DemoClient, node: NodeProcess, params: Path, out_dir: Path,
     if not client.wait_for(lambda: client.labels is not None, args.timeout_s):
         raise RuntimeError('the restarted node did not publish ~/labels')
     labels = client.labels or {}
-    again, _, _ = _score(client, ds, tasks, t, f'restart{t}')
+    again, _, _, _ = _score(client, ds, tasks, t, f'restart{t}')
     same = labels.get('model_version') == t + 1 and len(labels.get('tasks', [])) == t + 1
     print(f"  after restart: model_version {labels.get('model_version')}, "
           f"{len(labels.get('tasks', []))} tasks, accuracy "
