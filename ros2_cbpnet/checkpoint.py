@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     'CheckpointError', 'IncompatibleCheckpointError', 'SCHEMA_VERSION', 'checkpoint_version',
-    'list_checkpoints',
+    'list_checkpoints', 'upgrade_architecture', 'upgrade_state_dict',
     'load_newest_valid', 'read_checkpoint', 'write_checkpoint',
 ]
 
@@ -194,3 +194,41 @@ def load_newest_valid(directory: str, backbone: str
         _check_compatible(payload, backbone)
         return payload, path, problems
     return None, None, problems
+
+
+# --------------------------------------------------------- older layouts (same schema)
+#: State-dict keys of checkpoints written before the model was split into parts.
+OLD_KEYS = {'g_prompt.': 'prompts.g_prompt.', 'e_prompts.': 'prompts.e_prompts.',
+            'prompt_keys.': 'prompts.prompt_keys.', 'head_weight': 'head.weight',
+            'head_bias': 'head.bias', 'class_count': 'stats.class_count',
+            'query_mean': 'stats.query_mean', 'query_scatter': 'stats.query_scatter',
+            'feature_mean': 'stats.feature_mean', 'feature_var': 'stats.feature_var'}
+
+
+def upgrade_architecture(arch: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
+    """The architecture of a payload, completed for checkpoints written before
+    multi-layer queries (they used the pre-logits feature alone: the last of ``num_layers``)."""
+    if 'query_layers' not in arch:
+        arch = dict(arch, query_layers=[num_layers - 1])
+    return arch
+
+
+def upgrade_state_dict(weights: Dict[str, torch.Tensor], arch: Dict[str, Any]
+                       ) -> Dict[str, torch.Tensor]:
+    """Rename the keys of older checkpoints; fill what they did not have yet."""
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        for old, new in OLD_KEYS.items():
+            if key == old or (old.endswith('.') and key.startswith(old)):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    # Before forgetting existed every class was active; before 'stats' prediction every
+    # task was trained.
+    out.setdefault('class_active', torch.ones(len(arch['class_task']), dtype=torch.bool))
+    out.setdefault('task_trained', torch.ones(int(arch['num_tasks']), dtype=torch.bool))
+    # Before novelty was calibrated: uncalibrated until the next task is learned.
+    for name, dtype in (('novelty_sum', torch.float64), ('novelty_sum_sq', torch.float64),
+                        ('novelty_count', torch.long)):
+        out.setdefault(f'stats.{name}', torch.zeros((), dtype=dtype))
+    return out

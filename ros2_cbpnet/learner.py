@@ -646,7 +646,7 @@ class ContinualLearner:
         Raises:
             CheckpointError: the payload does not fit this model.
         """
-        arch = _upgrade_architecture(payload['architecture'], self.backbone)
+        arch = ckpt.upgrade_architecture(payload['architecture'], self.backbone.num_layers)
         changes = {k: arch[k] for k in ARCH_FIELDS if k in arch and arch[k] != getattr(
             self.config, k)}
         if changes:
@@ -656,13 +656,13 @@ class ContinualLearner:
         self._history = []
 
     def _snapshot_from_payload(self, payload: Dict[str, Any]) -> _Snapshot:
-        arch = _upgrade_architecture(payload['architecture'], self.backbone)
+        arch = ckpt.upgrade_architecture(payload['architecture'], self.backbone.num_layers)
         if any(arch.get(k) != getattr(self.config, k) for k in ARCH_FIELDS if k in arch):
             raise ckpt.CheckpointError('checkpoint layout differs from the loaded one')
         state = self._new_state()
         try:
             state.grow_to(int(arch['num_tasks']), arch['class_task'])
-            state.load_state_dict(_upgrade_state_dict(payload['state_dict'], arch))
+            state.load_state_dict(ckpt.upgrade_state_dict(payload['state_dict'], arch))
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ckpt.CheckpointError(f'checkpoint does not fit this model: {exc}') from exc
         state.to(self.device).eval()
@@ -770,42 +770,6 @@ class _TaskImages:
 def _check_cancel(cancel: Optional[threading.Event]) -> None:
     if cancel is not None and cancel.is_set():
         raise LearningCancelled()
-
-
-#: State-dict keys of checkpoints written before the model was split into parts.
-_OLD_KEYS = {'g_prompt.': 'prompts.g_prompt.', 'e_prompts.': 'prompts.e_prompts.',
-             'prompt_keys.': 'prompts.prompt_keys.', 'head_weight': 'head.weight',
-             'head_bias': 'head.bias', 'class_count': 'stats.class_count',
-             'query_mean': 'stats.query_mean', 'query_scatter': 'stats.query_scatter',
-             'feature_mean': 'stats.feature_mean', 'feature_var': 'stats.feature_var'}
-
-
-def _upgrade_architecture(arch: Dict[str, Any], backbone: Backbone) -> Dict[str, Any]:
-    """Checkpoints from before multi-layer queries used the pre-logits feature alone."""
-    if 'query_layers' not in arch:
-        arch = dict(arch, query_layers=[backbone.num_layers - 1])
-    return arch
-
-
-def _upgrade_state_dict(weights: Dict[str, torch.Tensor], arch: Dict[str, Any]
-                        ) -> Dict[str, torch.Tensor]:
-    """Rename the keys of older checkpoints; fill what they did not have yet."""
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        for old, new in _OLD_KEYS.items():
-            if key == old or (old.endswith('.') and key.startswith(old)):
-                key = new + key[len(old):]
-                break
-        out[key] = value
-    # Before forgetting existed every class was active; before 'stats' prediction every
-    # task was trained.
-    out.setdefault('class_active', torch.ones(len(arch['class_task']), dtype=torch.bool))
-    out.setdefault('task_trained', torch.ones(int(arch['num_tasks']), dtype=torch.bool))
-    # Before novelty was calibrated: uncalibrated until the next task is learned.
-    for name, dtype in (('novelty_sum', torch.float64), ('novelty_sum_sq', torch.float64),
-                        ('novelty_count', torch.long)):
-        out.setdefault(f'stats.{name}', torch.zeros((), dtype=dtype))
-    return out
 
 
 class _Release:
