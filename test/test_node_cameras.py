@@ -225,3 +225,48 @@ def test_a_dead_camera_thread_is_an_error_in_diagnostics():
     assert inference_health(InferenceHealth(**health))[0] == DiagnosticStatus.OK
     level, message = inference_health(InferenceHealth(**health, camera_thread_alive=False))
     assert level == DiagnosticStatus.ERROR and 'camera thread' in message
+
+
+def test_sigint_while_cameras_stream_exits_cleanly(tmp_path):
+    """The console script, two cameras streaming at 30 Hz (raw and JPEG, reliable) into the
+    camera thread: SIGINT stops it with exit code 0 and nothing on its log but its own
+    lines (no traceback, no rclpy error from a camera callback racing the shutdown)."""
+    from ros_helpers import (client_in_process, node_process, read_log, stop_process,
+                             write_params_file)
+
+    ns = f'camsig{__import__("os").getpid()}'
+    cams = [f'/{ns}/cam0', f'/{ns}/cam1/compressed']
+    params = write_params_file(tmp_path / 'params.yaml', dict(
+        image_size=32, checkpoint_dir='', backbone_checkpoint='random', image_qos='reliable',
+        image_topics=cams, diagnostics_period_s=0.2))
+    with node_process(params, ros_args=['-r', f'__ns:=/{ns}']) as proc, \
+            client_in_process(f'/{ns}/cbpnet') as client:
+        assert client.call_trigger('~/clear_buffer', timeout=120).success, read_log(proc)
+        rgb = noisy_images(RED, 1, size=160)[0]
+        msgs = [client.image_msg(rgb, frame_id='sig'),
+                client.image_msg(rgb, frame_id='sig', compressed=True)]
+        for topic, msg in zip(cams, msgs):
+            assert client.wait_for_subscribers(topic, type(msg), timeout=30), topic
+        stop = threading.Event()
+
+        def stream():
+            while not stop.is_set():
+                for topic, msg in zip(cams, msgs):
+                    client.publisher(topic, type(msg)).publish(msg)
+                time.sleep(1 / 30)
+
+        streamer = threading.Thread(target=stream, daemon=True)
+        streamer.start()
+        try:
+            assert client.wait_for_status(
+                'cbpnet: inference', lambda level, v: int(v['frames_received']) >= 30, 60), \
+                read_log(proc)
+            code = stop_process(proc, timeout=20)  # SIGINT while frames keep arriving
+        finally:
+            stop.set()
+            streamer.join(5)
+        log = read_log(proc, tail=20000)
+        assert code == 0, f'exit code {code}\n{log}'
+        for bad in ('Traceback', 'camera callback failed', 'camera executor failed',
+                    'InvalidHandle', 'ERROR'):
+            assert bad not in log, log

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Tuple
 STAGES: List[Tuple[str, Tuple[str, ...]]] = [
     ('decode_raw_image', ('image_msg_to_rgb',)),
     ('decode_jpeg', ('compressed_msg_to_rgb',)),
-    ('resize', ('resize_batch',)),
+    ('resize', ('resize_batch', 'resize_image')),
     ('to_tensor_normalise', ('preprocess (learner',)),
     ('model', ('predict_tensor', 'cbpnet.py', 'backbones.py', 'torch/')),
     ('topk_and_results', ('predict (learner',)),
@@ -52,6 +52,8 @@ def thread_group(name: str) -> str:
         return 'executor_workers'
     if name.startswith('cbpnet-inference'):
         return 'inference_thread'
+    if name.startswith('cbpnet-cameras'):
+        return 'camera_thread'
     if name.startswith('cbpnet-learn'):
         return 'learning_thread'
     return 'other'
