@@ -87,8 +87,8 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
 def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     """Stack uint8 RGB (H, W, 3) or grey (H, W[, 1]) images as a (N, size, size, 3) batch.
 
-    The same contract as ``ros2_cbpnet.learner.resize_batch`` (grey becomes three equal
-    channels), with :func:`resize_image`'s faster shrink.
+    The learner's preprocessing (``ros2_cbpnet.learner`` re-exports it): grey becomes three
+    equal channels; shrinking uses :func:`resize_image`'s exact 2x area steps.
 
     Raises:
         ValueError: an image is not a non-empty uint8 array of 1 or 3 channels.

@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .image_resize import resize_batch
 from .learner_config import (ARCH_FIELDS, MAX_LABEL_LENGTH, LearnerConfig,
                              default_prompt_layers, resolve_device)
 from .model.backbones import Backbone, backbone_parameter_count, load_backbone
@@ -136,32 +136,6 @@ def _apply_state_config(state: CBPNet, config: LearnerConfig) -> None:
     state.cbp.replacement_rate = config.cbp_replacement_rate
     state.cbp.maturity_threshold = config.cbp_maturity_threshold
     state.cbp.decay_rate = config.cbp_decay_rate
-
-
-def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """Stack uint8 RGB (H, W, 3) or grey (H, W[, 1]) images as a (N, size, size, 3) batch.
-
-    Shrinking uses area interpolation (no aliasing), enlarging bilinear.
-
-    Raises:
-        ValueError: an image is not a non-empty uint8 array of 1 or 3 channels.
-    """
-    batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i, img in enumerate(images):
-        img = np.asarray(img)
-        if img.dtype != np.uint8 or img.ndim not in (2, 3) or img.size == 0 \
-                or (img.ndim == 3 and img.shape[2] not in (1, 3)):
-            raise ValueError(f'image {i}: expected uint8 (H, W, 3) or (H, W), got '
-                             f'{img.dtype} {img.shape}')
-        if img.ndim == 3 and img.shape[2] == 1:
-            img = img[:, :, 0]
-        h, w = img.shape[:2]
-        if (h, w) != (size, size):
-            shrink = h > size or w > size
-            img = cv2.resize(img, (size, size),
-                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        batch[i] = img[:, :, None] if img.ndim == 2 else img
-    return batch
 
 
 class ContinualLearner:
@@ -451,12 +425,16 @@ class ContinualLearner:
         features = self._block_inputs(state, resized, trunk, state.class_task[y], cancel) \
             if state.trains_prompts else None
         state.stats.add(y, queries, features)
-        state.stats.calibrate_novelty(
-            state.stats.leave_one_out_novelty(y, queries, state.class_active))
+        # In slices of rows: (samples x query) float64 products of a full buffer would cost
+        # hundreds of MB at once.
+        rows = range(0, len(y), _CHUNK * 8)
+        state.stats.calibrate_novelty(torch.cat([state.stats.leave_one_out_novelty(
+            y[r:r + _CHUNK * 8], queries[r:r + _CHUNK * 8], state.class_active) for r in rows]))
         if epochs == 0:
             # Nothing trained: report how the statistics classify the samples just taught.
             with torch.no_grad():
-                guess = state.class_log_posterior(queries).argmax(1)
+                guess = torch.cat([state.class_log_posterior(queries[r:r + _CHUNK * 8]).argmax(1)
+                                   for r in rows])
             train_accuracy = float((guess == y).float().mean())
         with self._swap_lock:
             # Settings changed by reconfigure() while this task was learned apply to it too.

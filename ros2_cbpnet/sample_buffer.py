@@ -13,8 +13,9 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Deque, Dict, Optional, OrderedDict, Sequence, Tuple
 
-import cv2
 import numpy as np
+
+from .image_resize import resize_image
 
 __all__ = ['BufferSnapshot', 'MAX_LABEL_LENGTH', 'SampleBuffer', 'validate_label']
 
@@ -94,8 +95,9 @@ class SampleBuffer:
         max_total: overall cap (>= 1).
         image_size: when > 0, images larger than ``image_size`` in either side are shrunk to
             ``image_size`` x ``image_size`` on insertion, exactly as the learner's
-            preprocessing would (``cv2.INTER_AREA``), so a full buffer of camera frames costs
-            kilobytes per sample instead of megabytes without changing what is learned.
+            preprocessing would (:mod:`ros2_cbpnet.image_resize`), so a full buffer of
+            camera frames costs kilobytes per sample instead of megabytes without changing
+            what is learned.
 
     Example:
         >>> buf = SampleBuffer(max_per_class=2, max_total=10)
@@ -191,7 +193,7 @@ class SampleBuffer:
     def _shrink(self, image: np.ndarray) -> np.ndarray:
         size = self._image_size
         if size > 0 and image.ndim >= 2 and (image.shape[0] > size or image.shape[1] > size):
-            return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+            return resize_image(image, size)
         return image
 
     def _drop(self, sample_id: int) -> None:

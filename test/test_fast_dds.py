@@ -31,6 +31,7 @@ def test_jpeg_camera_in_another_process_is_classified_at_the_default_qos(tmp_pat
     ns = f'fastdds{os.getpid()}'
     camera = f'/{ns}_cam/image_raw/compressed'
     params = write_params_file(tmp_path / 'params.yaml', dict(
+        unknown_threshold=0.0,  # synthetic colours: rejection off, labels checked
         image_size=64, epochs=2, batch_size=4, min_samples_per_class=3,
         diagnostics_period_s=0.3, image_topics=[camera],
         checkpoint_dir=str(tmp_path / 'checkpoints')))  # image_qos left at its default

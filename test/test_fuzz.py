@@ -313,7 +313,9 @@ def inference_values(client, predicate, timeout=60.0):
 
 @pytest.fixture(scope='module')
 def harness(tmp_path_factory):
-    params = dict(image_size=64, epochs=3, batch_size=4, learning_rate=0.01,
+    # Flat synthetic colours are far from anything natural: rejection off, labels checked.
+    params = dict(unknown_threshold=0.0, image_size=64, epochs=3, batch_size=4,
+                  learning_rate=0.01,
                   min_samples_per_class=3, diagnostics_period_s=0.2, image_qos='reliable',
                   image_topics=[CAM_RAW, CAM_Z], max_image_pixels=MAX_PIXELS,
                   checkpoint_dir=str(tmp_path_factory.mktemp('fuzz_ckpt')))

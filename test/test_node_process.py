@@ -27,6 +27,7 @@ def test_console_script_learns_predicts_and_stops_on_sigint(tmp_path):
     # The shipped config first, then small/fast overrides (later params files win).
     overrides = write_params_file(tmp_path / 'overrides.yaml', dict(
         prediction='task', min_steps=0,  # the learned recipe: it trains
+        unknown_threshold=0.0,  # synthetic colours: rejection off
         image_size=64, epochs=3, batch_size=4, min_samples_per_class=3,
         diagnostics_period_s=0.3, image_topics=[CAM],
         checkpoint_dir=str(tmp_path / 'checkpoints')))

@@ -137,9 +137,8 @@ class ClassStatistics(nn.Module):
         cov = self.query_scatter.double() / max(n - c, 1)
         trace = float(torch.diagonal(cov).sum()) / d
         alpha = self.shrinkage if n - c > 0 else 1.0
-        cov = (1.0 - alpha) * cov + alpha * max(trace, 1e-6) * torch.eye(
-            d, dtype=cov.dtype, device=cov.device)
-        precision = _spd_inverse(cov)
+        precision = _spd_inverse(_shrink_(cov, alpha, trace))
+        del cov
         mean = self.query_mean.double()
         weight = mean @ precision  # (C, D): precision is symmetric
         # The background Gaussian of relative Mahalanobis: every taught sample as one class,
@@ -148,9 +147,7 @@ class ClassStatistics(nn.Module):
         overall = (counts[:, None] * mean).sum(0) / max(float(counts.sum()), 1.0)
         spread = (mean - overall) * counts[:, None].sqrt()
         total = (self.query_scatter.double() + spread.T @ spread) / max(n - 1, 1)
-        total_trace = float(torch.diagonal(total).sum()) / d
-        total = (1.0 - alpha) * total + alpha * max(total_trace, 1e-6) * torch.eye(
-            d, dtype=total.dtype, device=total.device)
+        total = _shrink_(total, alpha, float(torch.diagonal(total).sum()) / d)
         dtype = self.query_mean.dtype
         self._lda = {'w': weight.to(dtype), 'b': (-0.5 * (weight * mean).sum(1)).to(dtype),
                      'precision': precision.to(dtype), 'background_mean': overall.to(dtype),
@@ -266,14 +263,23 @@ class ClassStatistics(nn.Module):
         return self.feature_mean[cls] + noise * self.feature_var[cls].sqrt(), cls
 
 
+def _shrink_(cov: torch.Tensor, alpha: float, mean_variance: float) -> torch.Tensor:
+    """``(1 - alpha) * cov + alpha * mean_variance * I`` in place (no identity matrix made:
+    these are 1,984 x 1,984 float64 matrices)."""
+    cov.mul_(1.0 - alpha)
+    cov.diagonal().add_(alpha * max(mean_variance, 1e-6))
+    return cov
+
+
 def _spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
     """Inverse of a symmetric positive definite matrix through its Cholesky factor (about
     three times faster than a general inverse). A vanishing jitter keeps an unshrunk,
-    rank-deficient covariance (fewer samples than dimensions) invertible."""
-    jitter = 1e-9 * float(torch.diagonal(matrix).mean().clamp_min(1e-12))
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
+    rank-deficient covariance (fewer samples than dimensions) invertible; ``matrix`` is
+    changed in place by that jitter."""
+    scale = float(torch.diagonal(matrix).mean().clamp_min(1e-12))
+    matrix.diagonal().add_(1e-9 * scale)
+    factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) != 0:
-        factor = torch.linalg.cholesky(matrix + 1e-6 * float(
-            torch.diagonal(matrix).mean().clamp_min(1e-12)) * eye)
+        matrix.diagonal().add_(1e-6 * scale)
+        factor = torch.linalg.cholesky(matrix)
     return torch.cholesky_inverse(factor)

@@ -37,7 +37,9 @@ JPEG_QUALITY = 80
 def ros_env() -> Dict[str, str]:
     """DDS on loopback, in a domain of this run's own (unless the caller chose one)."""
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 50))
+    # Valid ids are 1..101 (Fast DDS ports); `make bench` locks a free one through
+    # scripts/ros_domain.py, this is only the fallback when run directly.
+    os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 101))
     env = dict(os.environ)
     env.setdefault('PYTHONUNBUFFERED', '1')
     env.setdefault('HF_HUB_OFFLINE', '1')
