@@ -48,8 +48,11 @@ _log = logging.getLogger(__name__)
 
 #: Models from before this many learned tasks are kept in memory for ``undo_last_task``.
 UNDO_DEPTH = 2
-#: Images per chunk of the frozen pass and of the feature statistics.
-_CHUNK = 64
+#: Pixels per chunk of the frozen pass (64 images at the node's 128 px): activations of a
+#: chunk, not of the whole buffer, are what learning holds at once.
+_CHUNK_PIXELS = 64 * 128 * 128
+#: Samples per slice of the (samples x query) statistics products after the frozen pass.
+_ROWS = 512
 
 
 @dataclass
@@ -427,13 +430,13 @@ class ContinualLearner:
         state.stats.add(y, queries, features)
         # In slices of rows: (samples x query) float64 products of a full buffer would cost
         # hundreds of MB at once.
-        rows = range(0, len(y), _CHUNK * 8)
+        rows = range(0, len(y), _ROWS)
         state.stats.calibrate_novelty(torch.cat([state.stats.leave_one_out_novelty(
-            y[r:r + _CHUNK * 8], queries[r:r + _CHUNK * 8], state.class_active) for r in rows]))
+            y[r:r + _ROWS], queries[r:r + _ROWS], state.class_active) for r in rows]))
         if epochs == 0:
             # Nothing trained: report how the statistics classify the samples just taught.
             with torch.no_grad():
-                guess = torch.cat([state.class_log_posterior(queries[r:r + _CHUNK * 8]).argmax(1)
+                guess = torch.cat([state.class_log_posterior(queries[r:r + _ROWS]).argmax(1)
                                    for r in rows])
             train_accuracy = float((guess == y).float().mean())
         with self._swap_lock:
@@ -475,13 +478,13 @@ class ContinualLearner:
         """Queries of all samples, and their trunk outputs when they fit the cache budget.
 
         Without augmentation neither depends on anything trained, so both are computed once
-        per task instead of once per epoch, in chunks of :data:`_CHUNK` images.
+        per task instead of once per epoch, a chunk of images at a time.
         """
         trunks: List[torch.Tensor] = []
         queries: List[torch.Tensor] = []
         cached_bytes, keep = 0, self.config.fast_paths and state.trains_prompts
         with torch.no_grad(), self._autocast():
-            for start in range(0, len(resized), _CHUNK):
+            for start in range(0, len(resized), resized.chunk_size):
                 _check_cancel(cancel)
                 h, taps = state.trunk_and_taps(self.backbone,
                                                self._normalise(resized.chunk(start)))
@@ -498,12 +501,13 @@ class ContinualLearner:
         """Prompted features (CBP block inputs) of samples, each with its class's E-prompt."""
         out = []
         with torch.no_grad(), self._autocast():
-            for start in range(0, len(resized), _CHUNK):
+            for start in range(0, len(resized), resized.chunk_size):
                 _check_cancel(cancel)
-                h = trunk[start:start + _CHUNK] if trunk is not None else self.backbone.trunk(
+                stop = start + resized.chunk_size
+                h = trunk[start:stop] if trunk is not None else self.backbone.trunk(
                     self._normalise(resized.chunk(start)), state.first_layer)
                 out.append(state.prompted_features(self.backbone, h,
-                                                   task_ids[start:start + _CHUNK]).float())
+                                                   task_ids[start:stop]).float())
         return torch.cat(out)
 
     # ------------------------------------------------------- undo and forget
@@ -703,7 +707,7 @@ class ContinualLearner:
 
 
 class _TaskImages:
-    """A task's images at the network input size, in chunks of :data:`_CHUNK`.
+    """A task's images at the network input size, in chunks of about :data:`_CHUNK_PIXELS`.
 
     ``keep=True`` resizes them all once into one uint8 array (training needs random access);
     otherwise every chunk is resized when it is read, so only a chunk is ever held.
@@ -716,11 +720,12 @@ class _TaskImages:
     def __init__(self, images: Sequence[np.ndarray], size: int, *, keep: bool,
                  cancel: Optional[threading.Event]) -> None:
         self._images, self._size, self._cancel = images, size, cancel
+        self.chunk_size = min(256, max(8, _CHUNK_PIXELS // (size * size)))
         self._kept: Optional[np.ndarray] = None
         if keep:
             self._kept = np.empty((len(images), size, size, 3), dtype=np.uint8)
-            for start in range(0, len(images), _CHUNK):
-                self._kept[start:start + _CHUNK] = self._resize(start)
+            for start in range(0, len(images), self.chunk_size):
+                self._kept[start:start + self.chunk_size] = self._resize(start)
 
     def __len__(self) -> int:
         return len(self._images)
@@ -728,14 +733,14 @@ class _TaskImages:
     def _resize(self, start: int) -> np.ndarray:
         _check_cancel(self._cancel)
         try:
-            return resize_batch(self._images[start:start + _CHUNK], self._size)
+            return resize_batch(self._images[start:start + self.chunk_size], self._size)
         except ValueError as exc:
             raise LearningError(f'bad training image: {exc}') from exc
 
     def chunk(self, start: int) -> np.ndarray:
-        """Images ``start`` to ``start + _CHUNK`` (fewer at the end), uint8 (N, S, S, 3)."""
+        """The chunk of images from ``start`` (fewer at the end), uint8 (N, S, S, 3)."""
         if self._kept is not None:
-            return self._kept[start:start + _CHUNK]
+            return self._kept[start:start + self.chunk_size]
         return self._resize(start)
 
     def take(self, index: np.ndarray) -> np.ndarray:
