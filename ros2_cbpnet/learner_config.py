@@ -88,8 +88,11 @@ class LearnerConfig:
     train_cbp_block: bool = True
     cbp_enabled: bool = True
     cbp_hidden_units: int = 64
-    cbp_replacement_rate: float = 1e-4
-    cbp_maturity_threshold: int = 200
+    # Chosen on the validation lifetime stream (Fashion-MNIST, 50 tasks, 2 seeds): without
+    # replacement 81% of the block's units ended dormant; rate 1e-3 at maturity 20 kept that
+    # at 22% (about 3 replacements per task) for 0.2 points of learning accuracy, within noise.
+    cbp_replacement_rate: float = 1e-3
+    cbp_maturity_threshold: int = 20
     cbp_decay_rate: float = 0.99
     prompt_selection: str = 'lda'
     prediction: str = 'stats'
