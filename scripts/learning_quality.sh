@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Regenerates every learning-quality table and plot of the README (test splits, seeds 0,1,2).
 # Defaults were chosen beforehand on validation splits with scripts/sweep.py; nothing here
-# feeds back into a default. Results go to results/quality/ (not tracked by git); a finished
-# result file is kept, so a killed run resumes. On a quiet 2-core machine the whole set takes
-# a few hours; each part can be run alone:  scripts/learning_quality.sh fewshot
+# feeds back into a default. Results go to results/quality/ (not tracked by git). Finished
+# files are skipped and a killed job keeps its finished runs (--resume), so a rerun resumes.
+# On a quiet 2-core machine the whole set takes a few hours; each part can be run alone:
+#   scripts/learning_quality.sh fewshot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVAL=".venv/bin/cbpnet-eval"
@@ -16,7 +17,7 @@ run() {  # run <result file> <cbpnet-eval options...>: skipped when already fini
   local out="$1"; shift
   if [ -f "$out" ] && ! grep -q '"partial": true' "$out"; then return 0; fi
   echo "== $out" >&2
-  "$EVAL" "$@" --seeds "$SEEDS" --quiet --out "$out" > "${out%.json}.log" 2>&1
+  "$EVAL" "$@" --seeds "$SEEDS" --quiet --resume --out "$out" > "${out%.json}.log" 2>&1
 }
 
 declare -A DATA=(
@@ -59,7 +60,7 @@ for part in $PARTS; do
       run "$OUT/${d}_unknown.json" ${DATA[$d]} --tasks 4 --unknown-classes 2 --method cbpnet
     done ;;
   lifetime)  # 50 new pairs of classes; the learned recipe with CBP on and off
-    for d in digits fashion-mnist; do
+    for d in fashion-mnist digits; do
       run "$OUT/${d}_lifetime.json" --dataset $d --protocol lifetime --lifetime-tasks 50 \
         --method cbpnet,cbpnet-nocbp --prediction task --plot "$OUT/${d}_lifetime.png"
       run "$OUT/${d}_lifetime_stats.json" --dataset $d --protocol lifetime --lifetime-tasks 50 \

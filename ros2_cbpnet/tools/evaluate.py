@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument('--tag', default='',
                    help='text appended to the method labels of this run, e.g. "rate=1e-3", '
                    'to tell variants apart in --compare')
+    o.add_argument('--resume', action='store_true',
+                   help='with --out: keep the runs an earlier, killed job already wrote there '
+                   '(same method, seed, options and code version) and run only the rest')
     o.add_argument('--quiet', action='store_true',
                    help='no progress bar and no per-run matrices, only the summary')
     return p
@@ -548,6 +551,29 @@ def _load(spec: str, seed: int, args: argparse.Namespace, image_size: int) -> Im
     return data
 
 
+_NOT_OPTIONS = ('out', 'plot', 'compare', 'resume', 'quiet', 'seeds', 'seed', 'threads')
+
+
+def run_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The options that decide a run's numbers (output and seed options left out)."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items()
+                                  if k not in _NOT_OPTIONS}, default=str))
+
+
+def _earlier_runs(args: argparse.Namespace) -> Dict[tuple, Dict[str, Any]]:
+    """Finished runs in ``args.out`` that this job would repeat, keyed by (method, seed):
+    same options and same algorithm code."""
+    if not args.out or not os.path.exists(args.out):
+        return {}
+    try:
+        runs = load_results([args.out])
+    except ValueError:
+        return {}
+    options, version = run_options(args), code_fingerprint()
+    return {(r['method'], r['seed']): r for r in runs
+            if r.get('options') == options and r.get('code_version') == version}
+
+
 def _tasks(args: argparse.Namespace, num_classes: int, parser: argparse.ArgumentParser
            ) -> tuple:
     """(tasks, held-out classes) of the incremental protocol."""
@@ -604,14 +630,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error('the lifetime protocol needs at least 2 classes')
 
     runs: List[Dict[str, Any]] = []
+    earlier = _earlier_runs(args) if args.resume else {}
     for seed in seeds:
+        kept = [earlier.get((method, seed)) for method in args.method]
+        if all(kept):
+            runs.extend(kept)
+            datasets.pop(seed, None)
+            continue
         if seed not in datasets:
             try:
                 datasets[seed] = _load(args.dataset, seed, args, image_size)
             except DatasetError as exc:
                 parser.error(str(exc))
         data = datasets.pop(seed)
-        for method in args.method:
+        for method, done in zip(args.method, kept):
+            if done:
+                runs.append(done)
+                continue
             config = learner_config(args, method, seed, image_size)
             try:
                 if args.protocol == 'lifetime':
@@ -629,6 +664,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f'{PROG}: error: {method} seed {seed}: {exc}', file=sys.stderr)
                 return 1
             res['code_version'] = code_fingerprint()
+            res['options'] = run_options(args)
             if args.tag:
                 res['tag'] = args.tag
             res['label'] = run_label(res)
