@@ -391,3 +391,31 @@ def test_lifetime_protocol_reports_every_task(folder, tmp_path):
     assert lda['learning_accuracy'] > 0.9
     assert 'dormant_fraction' not in lda['lifetime'][0]
     assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_resume_keeps_finished_runs_and_reruns_the_rest(folder, tmp_path, monkeypatch):
+    out = tmp_path / 'resume.json'
+    argv = ['--dataset', f'folder:{folder}', '--tasks', '2', '--method', 'lda,ncm',
+            '--seeds', '0,1', '--image-size', '32', '--device', 'cpu', '--quiet',
+            '--out', str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    # A job killed after three runs, one of them marked so that a rerun would lose the mark.
+    data['runs'] = data['runs'][:3]
+    data['runs'][0]['marker'] = 'kept'
+    data['partial'] = True
+    out.write_text(json.dumps(data))
+    calls = []
+    real = evaluate.run_incremental
+    monkeypatch.setattr(evaluate, 'run_incremental',
+                        lambda method, *a, **kw: (calls.append(method), real(method, *a, **kw))[1])
+    assert main(argv + ['--resume']) == 0
+    runs = json.loads(out.read_text())['runs']
+    assert calls == ['ncm']  # only seed 1's ncm was missing
+    assert [(r['method'], r['seed']) for r in runs] == [('lda', 0), ('ncm', 0), ('lda', 1),
+                                                         ('ncm', 1)]
+    assert runs[0]['marker'] == 'kept'
+    # Other options: nothing is reused.
+    calls.clear()
+    assert main(argv[:-2] + ['--lda-shrinkage', '0.3', '--out', str(out), '--resume']) == 0
+    assert calls == ['lda', 'ncm', 'lda', 'ncm']
