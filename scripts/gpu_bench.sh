@@ -70,7 +70,7 @@ if [ "$DRY_RUN" = 1 ]; then
     DEVICE=cpu
     PRECISIONS="${PRECISIONS:-fp32}"
     SCALING_PRECISION=fp32
-    COMMON=(--quick --threads 1 --skip-node)
+    COMMON=(--quick --threads 1 --skip-node --repeats 1 --slice-s 0.2 --warmup-s 0.1 --scaling-tasks 3)
     # name backbone image_size weights
     CONFIGS=("lite0_32 tf_efficientnet_lite0 32 random"
              "vit_tiny_32 vit_tiny_patch16_224 32 random")

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='warm-up seconds per item before timing (default 1.0)')
     p.add_argument('--quick', action='store_true',
                    help='tiny and fast (tests): 2 rounds, short slices, a 40-image task, 1 epoch,'
-                        ' 4 tasks for the scaling figures')
+                        ' no minimum of training steps, 4 tasks for the scaling figures')
     p.add_argument('--threads', type=int, default=0,
                    help='torch intra-op threads for this process, and OMP_NUM_THREADS of the '
                         'node subprocess (default: torch default, one per core)')

@@ -73,6 +73,8 @@ def _learner_configs(args, modes: Dict[str, bool]):
         kw['epochs'] = args.epochs
     elif args.quick:
         kw['epochs'] = 1
+    if args.quick:
+        kw['min_steps'] = 0  # the learner's floor of 50 steps would dwarf a 40-image task
     if args.batch_size:
         kw['batch_size'] = args.batch_size
     if args.prediction:
