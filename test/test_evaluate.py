@@ -358,6 +358,7 @@ def test_unknown_classes_are_held_out_and_scored(folder, tmp_path):
     assert r['unknown_classes'] == ['red', 'yellow']
     # Flat colours: untaught colours are far from both taught ones.
     assert r['unknown_auroc'] > 0.9 and r['mahalanobis_auroc'] > 0.5
+    assert r['mahalanobis_query_auroc'] > 0.5
     assert r['unknown_threshold'] == 3.0
     assert 0.0 <= r['known_rejected_rate'] <= 0.2 and r['unknown_rejected_rate'] > 0.5
 

@@ -182,14 +182,17 @@ def _open_world(model: Model, data: ImageDataset, tasks: Sequence[Sequence[int]]
                    if threshold > 0 else 0.0,
                    unknown_rejected_rate=float(np.mean(np.asarray(novel) > threshold))
                    if threshold > 0 else 0.0)
-    # The obvious baseline: Mahalanobis distance on the backbone's pre-logits feature.
-    mahalanobis = StreamingLDA(backbone, image_size=config.image_size, device=config.device,
-                               shrinkage=config.lda_shrinkage)
-    for t in tasks:
-        x, y = task_subset(data.train_images, data.train_labels, t)
-        mahalanobis.learn_task(list(x), [data.classes[k] for k in y])
-    out['mahalanobis_auroc'] = auroc(_chunked(mahalanobis.novelty, known_x),
-                                     _chunked(mahalanobis.novelty, novel_x))
+    # The obvious baseline: Mahalanobis distance to the nearest class, on the backbone's
+    # pre-logits feature and on the learner's own query (its statistics' feature).
+    query = list(config.query_layers) or backbone.default_query_layers()
+    for key, layers in (('mahalanobis_auroc', None), ('mahalanobis_query_auroc', query)):
+        baseline = StreamingLDA(backbone, image_size=config.image_size, device=config.device,
+                                shrinkage=config.lda_shrinkage, query_layers=layers)
+        for t in tasks:
+            x, y = task_subset(data.train_images, data.train_labels, t)
+            baseline.learn_task(list(x), [data.classes[k] for k in y])
+        out[key] = auroc(_chunked(baseline.novelty, known_x),
+                         _chunked(baseline.novelty, novel_x))
     return out
 
 

@@ -9,8 +9,8 @@ Protocols (``--protocol``):
   so far, with no task id, giving ``acc_matrix[i][j]``. ``--unknown-classes K`` holds the last
   K classes out of training and scores the novelty of taught against held-out test frames
   (``unknown_auroc``, ``known_rejected_rate`` at the learner's ``unknown_threshold``, and
-  ``mahalanobis_auroc`` of the obvious baseline, Mahalanobis distance on the pre-logits
-  feature).
+  ``mahalanobis_auroc`` / ``mahalanobis_query_auroc`` of the obvious baseline, Mahalanobis
+  distance to the nearest class on the pre-logits feature / on the learner's own query).
 - ``lifetime``: ``--lifetime-tasks`` (default 50) pairs of classes drawn at random, each under
   labels new to the learner, as Dohare et al. (Nature 2024) build Continual ImageNet; per
   task the learning accuracy (among the task's two classes, right after learning it), the
@@ -75,7 +75,8 @@ PROG = 'cbpnet-eval'
 METRICS = ('average_accuracy', 'forgetting', 'learning_accuracy')
 #: Extra metrics summarised when present (open world, lifetime).
 EXTRA_METRICS = ('unknown_auroc', 'known_rejected_rate', 'unknown_rejected_rate',
-                 'mahalanobis_auroc', 'first10_learning_accuracy', 'last10_learning_accuracy')
+                 'mahalanobis_auroc', 'mahalanobis_query_auroc', 'first10_learning_accuracy',
+                 'last10_learning_accuracy')
 #: The keys interface.md promises in every incremental result object.
 INTERFACE_KEYS = ('method', 'dataset', 'backbone', 'tasks', 'classes_per_task', 'acc_matrix',
                   'average_accuracy', 'forgetting', 'learning_accuracy', 'trainable_params',
@@ -447,12 +448,13 @@ def format_summary(summary: Dict[str, Dict[str, Any]]) -> str:
             f'| {_pm(e, "learning_accuracy")} | {last2} | {_pm(e, "replaced_units", 1, 0)} '
             f'| {_pm(e, "train_seconds", 1, 1)} | {e.get("trainable_params")} |')
     if any('unknown_auroc' in e or 'mahalanobis_auroc' in e for e in summary.values()):
-        lines += ['', '| method | novelty AUROC | Mahalanobis (pre-logits) AUROC | '
-                  'taught frames called unknown % | untaught frames called unknown % |',
+        lines += ['', '| method | novelty AUROC | Mahalanobis AUROC, pre-logits / same query '
+                  '| taught frames called unknown % | untaught frames called unknown % |',
                   '|---|---|---|---|---|']
         for key, e in summary.items():
             lines.append(f'| {key} | {_pm(e, "unknown_auroc", 1, 3)} | '
-                         f'{_pm(e, "mahalanobis_auroc", 1, 3)} | '
+                         f'{_pm(e, "mahalanobis_auroc", 1, 3)} / '
+                         f'{_pm(e, "mahalanobis_query_auroc", 1, 3)} | '
                          f'{_pm(e, "known_rejected_rate")} | {_pm(e, "unknown_rejected_rate")} |')
     return '\n'.join(lines)
 
