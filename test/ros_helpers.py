@@ -99,6 +99,16 @@ def ros_env(**extra: str) -> Dict[str, str]:
     return env
 
 
+def soak_module() -> Any:
+    """``scripts/soak.py`` as a module, for its camera-frame maker (``scene``) and RSS reader."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / 'scripts' / 'soak.py'
+    spec = importlib.util.spec_from_file_location('cbpnet_soak', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def noisy_images(mean_rgb: Sequence[int], count: int, *, size: int = 64, noise: float = 30.0,
                  rng: Optional[np.random.Generator] = None) -> List[np.ndarray]:
     """``count`` RGB uint8 images of one colour plus Gaussian noise (a synthetic class)."""

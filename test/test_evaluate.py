@@ -413,8 +413,8 @@ def test_resume_keeps_finished_runs_and_reruns_the_rest(folder, tmp_path, monkey
     assert main(argv + ['--resume']) == 0
     runs = json.loads(out.read_text())['runs']
     assert calls == ['ncm']  # only seed 1's ncm was missing
-    assert [(r['method'], r['seed']) for r in runs] == [('lda', 0), ('ncm', 0), ('lda', 1),
-                                                         ('ncm', 1)]
+    pairs = [(r['method'], r['seed']) for r in runs]
+    assert pairs == [('lda', 0), ('ncm', 0), ('lda', 1), ('ncm', 1)]
     assert runs[0]['marker'] == 'kept'
     # Other options: nothing is reused.
     calls.clear()

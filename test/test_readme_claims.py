@@ -71,19 +71,6 @@ def test_checkpoint_size_and_growth_per_task(tmp_path):
 
 
 # ------------------------------------------------------------------------------ load
-def _scene(width, height, seed):
-    import cv2
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)],
-                   -1).astype(np.uint8)
-    for _ in range(6):
-        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-        cv2.circle(img, (int(rng.integers(width)), int(rng.integers(height))),
-                   int(rng.integers(10, height // 3)), colour, -1)
-    return img
-
-
 @pytest.mark.ros
 @pytest.mark.slow
 @pytest.mark.timeout(500)
@@ -93,7 +80,7 @@ def test_load_p95_latency_and_transport_loss(tmp_path):
 
     from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
     from ros_helpers import (client_in_process, noisy_images, node_process, read_log,
-                             wait_until, write_params_file)
+                             soak_module, wait_until, write_params_file)
 
     p95_ms = _figure(r'latency receipt-to-publish, p95 \| (\d+) ms')
     lost_pct = _figure(r'\((\d+) % lost in best-effort transport')
@@ -121,10 +108,10 @@ def test_load_p95_latency_and_transport_loss(tmp_path):
         messages = []
         for i, topic in enumerate(cams):
             if topic.endswith('/compressed'):
-                msgs = [rgb_to_compressed_msg(_scene(640, 480, 10 * i + k), 'jpeg')
+                msgs = [rgb_to_compressed_msg(soak_module().scene(640, 480, 10 * i + k), 'jpeg')
                         for k in range(3)]
             else:
-                msgs = [rgb_to_image_msg(_scene(320, 240, 10 * i + k), 'rgb8')
+                msgs = [rgb_to_image_msg(soak_module().scene(320, 240, 10 * i + k), 'rgb8')
                         for k in range(3)]
             messages.append((c.publisher(topic, type(msgs[0]), qos_profile_sensor_data), msgs))
             assert c.wait_for_subscribers(topic, type(msgs[0]), timeout=60)
@@ -198,15 +185,6 @@ def _load_window(c, messages, stream_pub, labelled, duration):
 
 
 # ------------------------------------------------------------------------------ soak
-def _soak_module():
-    """scripts/soak.py, for its frame makers and its RSS reader."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('cbpnet_soak', ROOT / 'scripts' / 'soak.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 #: Tasks before memory is expected to be flat: the first tasks allocate the training state,
 #: the undo copy of the model and the allocator's pools (measured: +150 MB over three tasks,
 #: flat within +-20 MB over the next six).
@@ -224,9 +202,10 @@ def test_short_soak_memory_per_task(tmp_path):
     from rclpy.qos import qos_profile_sensor_data
 
     from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
-    from ros_helpers import client_in_process, node_process, read_log, write_params_file
+    from ros_helpers import (client_in_process, node_process, read_log, soak_module,
+                             write_params_file)
 
-    soak = _soak_module()
+    soak = soak_module()
     per_task_mb = _figure(r'\+0\.\d+ %\*\* \(peak \+[\d.]+ %, ([\d.]+) MB per task learned')
     measured_tasks = int(os.environ.get('CBPNET_CLAIMS_SOAK_TASKS', '4'))
     ns = f'soaktest{os.getpid()}'

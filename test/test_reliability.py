@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import rclpy
@@ -35,8 +34,8 @@ from ros2_cbpnet import checkpoint as ckpt
 from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
 from ros2_cbpnet.sample_buffer import MAX_LABEL_LENGTH, SampleBuffer, validate_label
 from ros_helpers import (LATCHED, RosClient, Spinner, diagnostic_status, noisy_images,
-                         node_in_process, node_process, read_log, ros_env, spare_domain_id,
-                         wait_until, write_params_file)
+                         node_in_process, node_process, read_log, ros_env, soak_module,
+                         spare_domain_id, wait_until, write_params_file)
 
 ROOT = Path(__file__).resolve().parents[1]
 CAM = '/cbpnet_rel/cam/image_raw'
@@ -404,21 +403,6 @@ def _rss_kb(pid):
     raise RuntimeError('no VmRSS')
 
 
-def _scene(width, height, seed):
-    """A smooth synthetic camera image (gradients, shapes, mild noise): compresses like a
-    real frame, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)],
-                   -1).astype(np.uint8)
-    for _ in range(6):
-        c = tuple(int(v) for v in rng.integers(0, 255, 3))
-        cv2.circle(img, (int(rng.integers(width)), int(rng.integers(height))),
-                   int(rng.integers(10, height // 3)), c, -1)
-    noise = rng.normal(0, 4, img.shape)
-    return np.clip(img + noise, 0, 255).astype(np.uint8)
-
-
 @contextlib.contextmanager
 def _client_in_domain(target, domain_id):
     """A spinning RosClient in another ROS domain (nothing else of this run is there)."""
@@ -479,10 +463,10 @@ def test_load_four_cameras_and_labelled_stream(tmp_path):
         messages = []
         for i, topic in enumerate(cams):
             if topic.endswith('/compressed'):
-                msgs = [rgb_to_compressed_msg(_scene(640, 480, 10 * i + k), 'jpeg')
+                msgs = [rgb_to_compressed_msg(soak_module().scene(640, 480, 10 * i + k), 'jpeg')
                         for k in range(3)]
             else:
-                msgs = [rgb_to_image_msg(_scene(320, 240, 10 * i + k), 'rgb8')
+                msgs = [rgb_to_image_msg(soak_module().scene(320, 240, 10 * i + k), 'rgb8')
                         for k in range(3)]
             for m in msgs:
                 m.header.frame_id = f'cam{i}'
