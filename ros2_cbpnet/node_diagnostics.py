@@ -237,9 +237,15 @@ class StatusBuilder:
 
     def cbp(self, learner: Any) -> DiagnosticStatus:
         """The ``cbp block`` status."""
-        stats = learner.cbp_stats()
-        message = (f"dormant {stats['dormant_fraction']:.2f}, "
-                   f"{stats['replacements_total']} replacements")
+        stats = dict(learner.cbp_stats())
+        # Under `prediction: stats` no frame passes the block and it is never trained: its
+        # utilities then say nothing, and "dormant 1.00" would read as a fault.
+        stats['in_use'] = learner.config.prediction != 'stats'
+        if stats['in_use']:
+            message = (f"dormant {stats['dormant_fraction']:.2f}, "
+                       f"{stats['replacements_total']} replacements")
+        else:
+            message = 'not in use (prediction: stats)'
         return self.status('cbp block', OK, message, stats)
 
     def prompts(self, learner: Any, stats: NodeStats) -> DiagnosticStatus:

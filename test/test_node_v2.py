@@ -264,6 +264,20 @@ def test_prediction_settings_change_predictions_at_once(harness, two_tasks, name
     assert all(a['model_version'] == b['model_version'] for a, b in zip(after, before))
 
 
+def test_cbp_status_says_when_no_frame_passes_the_block(harness, two_tasks):
+    c = harness.client
+    # The harness runs the learned recipe: the block is in use.
+    _, values = status(c, 'cbp block')
+    assert values['in_use'] == 'true'
+    assert c.set_parameters({'prediction': 'stats'})[0].successful
+    try:
+        _, values = status(c, 'cbp block', lambda level, v: v['in_use'] == 'false')
+    finally:
+        assert c.set_parameters({'prediction': 'task'})[0].successful
+    assert 0.0 <= float(values['dormant_fraction']) <= 1.0  # still reported, for the record
+    _, values = status(c, 'cbp block', lambda level, v: v['in_use'] == 'true')
+
+
 def test_diagnostics_period_changes_the_rate(harness):
     c = harness.client
     collector = c.diagnostics()

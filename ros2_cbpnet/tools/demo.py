@@ -436,9 +436,12 @@ def run(args: argparse.Namespace) -> int:
               f"{summary['learning_accuracy']:.3f}")
         print(f'{unknown_total} of {sent_total} taught-class test frames called unknown '
               '(accuracy above counts their best taught class)')
-        print(f"CBP block: {cbp.get('replacements_total')} replacements in total, dormant "
-              f"fraction {cbp.get('dormant_fraction')}, mean utility "
-              f"{cbp.get('utility_mean')}")
+        if cbp.get('in_use') == 'false':
+            print('CBP block: not in use (prediction: stats, the default)')
+        else:
+            print(f"CBP block: {cbp.get('replacements_total')} replacements in total, dormant "
+                  f"fraction {cbp.get('dormant_fraction')}, mean utility "
+                  f"{cbp.get('utility_mean')}")
         if missing_total:
             print(f'{missing_total} test frames got no prediction (counted as wrong)')
         try:
