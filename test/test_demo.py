@@ -8,7 +8,7 @@ from ros2_cbpnet.tools import demo
 pytestmark = [pytest.mark.slow, pytest.mark.ros]
 
 
-def test_demo_replays_tasks_through_the_node_and_survives_restarts(tmp_path):
+def test_demo_replays_tasks_through_the_node_and_survives_restarts(tmp_path, capsys):
     out = tmp_path / 'out'
     code = demo.main(['--dataset', 'digits', '--tasks', '2', '--train-per-class', '12',
                       '--test-per-class', '6', '--epochs', '3', '--image-size', '48',
@@ -22,6 +22,9 @@ def test_demo_replays_tasks_through_the_node_and_survives_restarts(tmp_path):
     assert summary['task_results'][1]['task_id'] == 1
     assert summary['learner']['model_version'] == 2
     assert summary['cbp']['hidden_units'] == 64
+    # The node's default recipe (statistics) sends no frame through the block, and says so.
+    assert summary['cbp']['in_use'] is False
+    assert 'CBP block: not in use' in capsys.readouterr().out
     restart = summary['restarts'][0]
     assert restart['exit_code'] == 0 and restart['labels']['model_version'] == 1
     assert restart['accuracy_after'][0] == pytest.approx(restart['accuracy_before'][0],

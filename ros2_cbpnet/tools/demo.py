@@ -436,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
               f"{summary['learning_accuracy']:.3f}")
         print(f'{unknown_total} of {sent_total} taught-class test frames called unknown '
               '(accuracy above counts their best taught class)')
-        if cbp.get('in_use') == 'false':
+        if cbp.get('in_use') is False:
             print('CBP block: not in use (prediction: stats, the default)')
         else:
             print(f"CBP block: {cbp.get('replacements_total')} replacements in total, dormant "
