@@ -44,7 +44,7 @@ from ros_helpers import RELIABLE, noisy_images, node_in_process, wait_until
 pytestmark = [pytest.mark.ros]  # ~15 s: part of the fast set too
 
 SEED = 20240611
-PHASE_A_MESSAGES = 1000
+PHASE_A_MESSAGES = 800
 CAM_RAW = '/cbpnet_fuzz/cam0/image_raw'
 CAM_Z = '/cbpnet_fuzz/cam1/image_raw/compressed'
 LABELLED = '~/labelled_images'

@@ -125,10 +125,13 @@ def test_frames_of_four_cameras_share_one_model_call(four):
                                               compressed=topic.endswith('/compressed')))
         assert wait_until(lambda: len(node._worker._pending) == 4, 30), node._worker._pending
         gate.release()
-        assert predictions.wait_count(5, timeout=30)
+        # Wait for these frames by name: a late prediction of an earlier test's frame may
+        # arrive in between, so a count of messages is not enough.
+        wanted = {'first'} | {f'batched_{i}' for i in range(4)}
+        assert wait_until(lambda: wanted <= {p['frame_id'] for p in predictions.snapshot()},
+                          30), predictions.snapshot()
     got = {p['frame_id']: p['source'] for p in predictions.snapshot()}
     predictions.close()
-    assert {f'batched_{i}' for i in range(4)} <= set(got)
     assert {got[f'batched_{i}'] for i in range(4)} == {f'/{NS}/{t}' for t in CAMS}
     assert 4 in gate.batches[1:], gate.batches  # the four waiting frames: one model call
 

@@ -196,7 +196,7 @@ WARMUP_TASKS = 3
 @pytest.mark.timeout(400)
 def test_short_soak_memory_per_task(tmp_path):
     """What ``scripts/soak.py`` does, shortened: two cameras (raw and JPEG 320x240) at 30 Hz
-    best effort and a task of two new classes every 8 s; RSS sampled every second. After
+    best effort and a task of two new classes every 6 s; RSS sampled every second. After
     :data:`WARMUP_TASKS`, the median RSS between two tasks is fitted against the task count:
     that slope is the growth per task."""
     from rclpy.qos import qos_profile_sensor_data
@@ -252,7 +252,7 @@ def test_short_soak_memory_per_task(tmp_path):
                     reply = c.call_trigger('~/learn_task', timeout=300)
                     assert reply.success, reply.message
                     tasks += 1
-                    next_learn = time.monotonic() + 8.0
+                    next_learn = time.monotonic() + 6.0
                 time.sleep(1.0)
         finally:
             stop.set()
