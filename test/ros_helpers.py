@@ -109,6 +109,24 @@ def soak_module() -> Any:
     return module
 
 
+def camera_frames(topics: Sequence[str], count: int = 3) -> List[Tuple[str, List[Any]]]:
+    """``count`` pre-built frames per camera topic, ``header.frame_id`` = ``cam<i>``: JPEG
+    640x480 on ``.../compressed`` topics, raw rgb8 320x240 on the others (``soak.scene``)."""
+    from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+    scene = soak_module().scene
+    out = []
+    for i, topic in enumerate(topics):
+        if topic.endswith('/compressed'):
+            msgs = [rgb_to_compressed_msg(scene(640, 480, 10 * i + k), 'jpeg')
+                    for k in range(count)]
+        else:
+            msgs = [rgb_to_image_msg(scene(320, 240, 10 * i + k), 'rgb8') for k in range(count)]
+        for m in msgs:
+            m.header.frame_id = f'cam{i}'
+        out.append((topic, msgs))
+    return out
+
+
 def noisy_images(mean_rgb: Sequence[int], count: int, *, size: int = 64, noise: float = 30.0,
                  rng: Optional[np.random.Generator] = None) -> List[np.ndarray]:
     """``count`` RGB uint8 images of one colour plus Gaussian noise (a synthetic class)."""
@@ -528,7 +546,8 @@ class RosClient(Node):
         def check(array: DiagnosticArray) -> bool:
             found = diagnostic_status(array, name)
             return found is not None and bool(predicate(*found))
-        array = self.wait_for_diagnostics(check, timeout)
+        # Filter by the status's own node (a test may watch another node than the target).
+        array = self.wait_for_diagnostics(check, timeout, prefix=name.split(':')[0] + ':')
         return diagnostic_status(array, name) if array is not None else None
 
     # ------------------------------------------------------------------ services

@@ -21,7 +21,7 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from ros2_cbpnet import node_diagnostics
-from ros_helpers import LATCHED, diagnostic_status, noisy_images, node_in_process, wait_until
+from ros_helpers import LATCHED, noisy_images, node_in_process, wait_until
 
 pytestmark = [pytest.mark.ros]
 
@@ -43,14 +43,9 @@ def params(**changes):
 
 def status(client, task, predicate=lambda level, v: True, *, prefix=PREFIX, timeout=30.0):
     """``(level, values)`` of status ``'<prefix>: <task>'`` satisfying ``predicate``."""
-    name = f'{prefix}: {task}'
-
-    def check(array):
-        found = diagnostic_status(array, name)
-        return found is not None and bool(predicate(*found))
-    array = client.wait_for_diagnostics(check, timeout, prefix=f'{prefix}:')
-    assert array is not None, f'no {name!r} status satisfying the condition'
-    return diagnostic_status(array, name)
+    found = client.wait_for_status(f'{prefix}: {task}', predicate, timeout)
+    assert found is not None, f'no {prefix}: {task!r} status satisfying the condition'
+    return found
 
 
 def learner_values(client, predicate=lambda v: True, **kw):

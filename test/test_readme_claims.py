@@ -78,9 +78,8 @@ def test_load_p95_latency_and_transport_loss(tmp_path):
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
-    from ros_helpers import (client_in_process, noisy_images, node_process, read_log,
-                             soak_module, wait_until, write_params_file)
+    from ros_helpers import (camera_frames, client_in_process, noisy_images, node_process,
+                             read_log, wait_until, write_params_file)
 
     p95_ms = _figure(r'latency receipt-to-publish, p95 \| (\d+) ms')
     lost_pct = _figure(r'\((\d+) % lost in best-effort transport')
@@ -106,13 +105,7 @@ def test_load_p95_latency_and_transport_loss(tmp_path):
                                  lambda level, v: int(v['buffer_samples']) == 12, 60)
         assert c.call_trigger('~/learn_task', timeout=300).success
         messages = []
-        for i, topic in enumerate(cams):
-            if topic.endswith('/compressed'):
-                msgs = [rgb_to_compressed_msg(soak_module().scene(640, 480, 10 * i + k), 'jpeg')
-                        for k in range(3)]
-            else:
-                msgs = [rgb_to_image_msg(soak_module().scene(320, 240, 10 * i + k), 'rgb8')
-                        for k in range(3)]
+        for topic, msgs in camera_frames(cams):
             messages.append((c.publisher(topic, type(msgs[0]), qos_profile_sensor_data), msgs))
             assert c.wait_for_subscribers(topic, type(msgs[0]), timeout=60)
         labelled = [c.image_msg(img, frame_id=f'stream_{k % 3}')

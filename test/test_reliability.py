@@ -31,10 +31,10 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from ros2_cbpnet import checkpoint as ckpt
-from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+from ros2_cbpnet.image_codec import rgb_to_image_msg
 from ros2_cbpnet.sample_buffer import MAX_LABEL_LENGTH, SampleBuffer, validate_label
-from ros_helpers import (LATCHED, RosClient, Spinner, diagnostic_status, noisy_images,
-                         node_in_process, node_process, read_log, ros_env, soak_module,
+from ros_helpers import (LATCHED, RosClient, Spinner, camera_frames, diagnostic_status,
+                         noisy_images, node_in_process, node_process, read_log, ros_env,
                          spare_domain_id, wait_until, write_params_file)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -460,17 +460,7 @@ def test_load_four_cameras_and_labelled_stream(tmp_path):
         _, inf0 = status('inference', lambda level, v: True, 30)
 
         # Pre-built frames: 2 raw 320x240 rgb8 cameras and 2 JPEG 640x480 cameras.
-        messages = []
-        for i, topic in enumerate(cams):
-            if topic.endswith('/compressed'):
-                msgs = [rgb_to_compressed_msg(soak_module().scene(640, 480, 10 * i + k), 'jpeg')
-                        for k in range(3)]
-            else:
-                msgs = [rgb_to_image_msg(soak_module().scene(320, 240, 10 * i + k), 'rgb8')
-                        for k in range(3)]
-            for m in msgs:
-                m.header.frame_id = f'cam{i}'
-            messages.append((topic, msgs))
+        messages = camera_frames(cams)
         for topic, msgs in messages:  # as camera drivers publish: best effort
             c.publisher(topic, type(msgs[0]), qos_profile_sensor_data)
             assert c.wait_for_subscribers(topic, type(msgs[0]), timeout=60)

@@ -22,9 +22,8 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
-from ros_helpers import (LATCHED, NODE_EXECUTABLE, client_in_process, diagnostic_status,
-                         noisy_images, node_process, read_log, stop_process, wait_until,
-                         write_params_file)
+from ros_helpers import (LATCHED, NODE_EXECUTABLE, client_in_process, noisy_images,
+                         node_process, read_log, stop_process, wait_until, write_params_file)
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -48,14 +47,9 @@ def _command(params):
 
 def status(client, task, predicate=lambda level, v: True, timeout=60.0):
     """``(level, values)`` of this node's status ``task`` satisfying ``predicate``."""
-    name = f'{PREFIX}: {task}'
-
-    def check(array):
-        found = diagnostic_status(array, name)
-        return found is not None and bool(predicate(*found))
-    array = client.wait_for_diagnostics(check, timeout, prefix=f'{PREFIX}:')
-    assert array is not None, f'no {name!r} status satisfying the condition'
-    return diagnostic_status(array, name)
+    found = client.wait_for_status(f'{PREFIX}: {task}', predicate, timeout)
+    assert found is not None, f'no {PREFIX}: {task!r} status satisfying the condition'
+    return found
 
 
 def _learner(client, predicate=lambda v: True, timeout=60.0):
