@@ -145,6 +145,10 @@ def _guarded_callback(name: str) -> Callable:
             try:
                 method(self, *args)
             except Exception as exc:  # noqa: BLE001 - keep the executor spinning
+                if not self.context.ok():
+                    # Shutting down (SIGINT): a callback still running finds the handles it
+                    # touches gone. Not a fault; the inference worker treats it the same way.
+                    return
                 self.get_logger().error(f'{name} failed: {_error_reply(exc)}',
                                         throttle_duration_sec=5.0)
         return callback

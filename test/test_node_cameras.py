@@ -273,3 +273,24 @@ def test_sigint_while_cameras_stream_exits_cleanly(tmp_path):
         for bad in ('Traceback', 'camera callback failed', 'camera executor failed',
                     'InvalidHandle', 'ERROR'):
             assert bad not in log, log
+
+
+@pytest.mark.parametrize('context_ok, logged', [(True, 1), (False, 0)])
+def test_a_failing_callback_is_logged_unless_the_node_is_shutting_down(context_ok, logged):
+    from ros2_cbpnet import node as node_module
+
+    class Stand:  # what the guard uses of a node: its context and its logger
+        errors = []
+        context = type('Context', (), {'ok': staticmethod(lambda: context_ok)})()
+
+        def get_logger(self):
+            return type('Logger', (), {'error': lambda _, text, **kw: Stand.errors.append(text)})()
+
+    @node_module._guarded_callback('camera')
+    def callback(self, msg):
+        raise RuntimeError("publisher's context is invalid")
+
+    callback(Stand(), object())  # never raises
+    assert len(Stand.errors) == logged
+    if logged:
+        assert Stand.errors[0].startswith('camera failed: RuntimeError')
