@@ -348,8 +348,15 @@ def test_validation_runs_never_pass_a_test_image_to_a_model(folder, tmp_path, mo
 
 
 # ---------------------------------------------------------------- other protocols
-def test_unknown_classes_are_held_out_and_scored(folder, tmp_path):
+def test_unknown_classes_are_held_out_and_scored(folder, tmp_path, monkeypatch):
     out = tmp_path / 'open.json'
+    built = []  # the query layers of every Mahalanobis baseline the protocol builds
+    real_init = StreamingLDA.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        built.append((self.query_layers, self.feature_dim))
+    monkeypatch.setattr(StreamingLDA, '__init__', init)
     assert main(['--dataset', f'folder:{folder}', '--tasks', '1', '--unknown-classes', '2',
                  '--method', 'cbpnet', '--image-size', '32', '--device', 'cpu',
                  '--unknown-threshold', '3', '--quiet', '--out', str(out)]) == 0
@@ -359,6 +366,10 @@ def test_unknown_classes_are_held_out_and_scored(folder, tmp_path):
     # Flat colours: untaught colours are far from both taught ones.
     assert r['unknown_auroc'] > 0.9 and r['mahalanobis_auroc'] > 0.5
     assert r['mahalanobis_query_auroc'] > 0.5
+    # One baseline on the pre-logits feature, one on the learner's own (multi-layer) query.
+    backbone = load_backbone('tf_efficientnet_lite0', 'random', image_size=32)
+    query = backbone.default_query_layers()
+    assert built == [(None, backbone.feature_dim), (query, backbone.query_dim(query))]
     assert r['unknown_threshold'] == 3.0
     assert 0.0 <= r['known_rejected_rate'] <= 0.2 and r['unknown_rejected_rate'] > 0.5
 
