@@ -109,6 +109,22 @@ def soak_module() -> Any:
     return module
 
 
+def noisy_scene(height: int, width: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """Gradients, sharp-edged discs and Gaussian noise (sigma 12), uint8: the hard case for
+    resampling and compression (``channels`` 1: the green plane)."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (height + width)],
+                   -1).astype(np.uint8)
+    for _ in range(20):
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        cv2.circle(img, (int(rng.integers(width)), int(rng.integers(height))),
+                   int(rng.integers(3, max(4, height // 4))), colour, -1)
+    img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+    return img if channels == 3 else np.ascontiguousarray(img[:, :, 1])
+
+
 def camera_frames(topics: Sequence[str], count: int = 3) -> List[Tuple[str, List[Any]]]:
     """``count`` pre-built frames per camera topic, ``header.frame_id`` = ``cam<i>``: JPEG
     640x480 on ``.../compressed`` topics, raw rgb8 320x240 on the others (``soak.scene``)."""

@@ -18,6 +18,7 @@ from ros2_cbpnet.image_codec import (
     rgb_to_compressed_msg,
     rgb_to_image_msg,
 )
+from ros_helpers import noisy_scene
 
 H, W = 7, 10
 
@@ -638,19 +639,6 @@ def test_fuzz_compressed():
 # ---------------------------------------------------------------- decoding to the model input
 # (size=...: what the node does with camera frames; see ros2_cbpnet.image_resize for the
 # tolerances of the fast resize against the one-step reference)
-
-def noisy_scene(height, width, seed=0):
-    """Gradients, sharp-edged discs and sensor noise: the hard case for resampling."""
-    r = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    img = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 127 // (height + width)],
-                   -1).astype(np.uint8)
-    for _ in range(20):
-        colour = tuple(int(v) for v in r.integers(0, 255, 3))
-        cv2.circle(img, (int(r.integers(width)), int(r.integers(height))),
-                   int(r.integers(3, max(4, height // 4))), colour, -1)
-    return np.clip(img + r.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-
 
 def reference_resize(rgb, size):
     shrink = rgb.shape[0] > size or rgb.shape[1] > size

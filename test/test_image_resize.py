@@ -13,20 +13,7 @@ import pytest
 from ros2_cbpnet import image_resize
 from ros2_cbpnet.image_resize import (MEAN_ABS_TOLERANCE, P99_ABS_TOLERANCE, resize_batch,
                                       resize_image)
-
-
-def scene(height, width, seed=0, channels=3):
-    """Gradients, sharp-edged discs and Gaussian noise (sigma 12), uint8."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (height + width)],
-                   -1).astype(np.uint8)
-    for _ in range(20):
-        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-        cv2.circle(img, (int(rng.integers(width)), int(rng.integers(height))),
-                   int(rng.integers(3, max(4, height // 4))), colour, -1)
-    img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-    return img if channels == 3 else np.ascontiguousarray(img[:, :, 1])
+from ros_helpers import noisy_scene
 
 
 def reference(img, size):
@@ -47,7 +34,7 @@ def difference(a, b):
     ((481, 641), 128), ((1000, 130), 128), ((240, 320), 224)])
 @pytest.mark.parametrize('channels', [3, 1])
 def test_close_to_the_one_step_reference(hw, size, channels):
-    img = scene(*hw, seed=hw[0] + size, channels=channels)
+    img = noisy_scene(*hw, seed=hw[0] + size, channels=channels)
     out = resize_image(img, size)
     assert out.shape == (size, size) + img.shape[2:] and out.dtype == np.uint8
     assert out.flags['C_CONTIGUOUS']
@@ -60,7 +47,7 @@ def test_close_to_the_one_step_reference(hw, size, channels):
 def test_exactly_the_reference_where_no_halving_applies(hw, size):
     """Enlarging, the same size, and shrinks by less than 3x (or odd sides): one OpenCV
     call, bit-identical to the reference."""
-    img = scene(*hw, seed=7)
+    img = noisy_scene(*hw, seed=7)
     np.testing.assert_array_equal(resize_image(img, size), reference(img, size))
 
 
@@ -76,17 +63,17 @@ def test_large_frames_take_the_exact_2x_steps(monkeypatch):
         return real(img, dsize, *args, **kwargs)
 
     monkeypatch.setattr(image_resize.cv2, 'resize', spy)
-    resize_image(scene(480, 640), 128)
+    resize_image(noisy_scene(480, 640), 128)
     assert calls == [((320, 240), cv2.INTER_AREA), ((128, 128), cv2.INTER_AREA)]
     calls.clear()
-    resize_image(scene(1080, 1920), 128)
+    resize_image(noisy_scene(1080, 1920), 128)
     assert calls == [((960, 540), cv2.INTER_AREA), ((480, 270), cv2.INTER_AREA),
                      ((128, 128), cv2.INTER_AREA)]
 
 
 def test_strided_views_are_read_in_place():
     """Rows with padding (a message buffer with step > width * 3) need no copy first."""
-    img = scene(480, 640)
+    img = noisy_scene(480, 640)
     padded = np.zeros((480, 640 * 3 + 32), np.uint8)
     padded[:, :640 * 3] = img.reshape(480, -1)
     view = padded[:, :640 * 3].reshape(480, 640, 3)
@@ -95,32 +82,32 @@ def test_strided_views_are_read_in_place():
 
 
 def test_a_copy_even_at_the_target_size():
-    img = scene(64, 64)
+    img = noisy_scene(64, 64)
     out = resize_image(img, 64)
     assert out is not img and not np.shares_memory(out, img)
     np.testing.assert_array_equal(out, img)
 
 
 def test_resize_batch_contract():
-    grey = scene(480, 640, channels=1)
-    batch = resize_batch([scene(480, 640), grey, grey[:, :, None], scene(32, 40)], 64)
+    grey = noisy_scene(480, 640, channels=1)
+    batch = resize_batch([noisy_scene(480, 640), grey, grey[:, :, None], noisy_scene(32, 40)], 64)
     assert batch.shape == (4, 64, 64, 3) and batch.dtype == np.uint8
     np.testing.assert_array_equal(batch[1][:, :, 0], batch[1][:, :, 2])  # grey: 3 equal
     np.testing.assert_array_equal(batch[1], batch[2])
-    np.testing.assert_array_equal(batch[3], reference(scene(32, 40), 64))
+    np.testing.assert_array_equal(batch[3], reference(noisy_scene(32, 40), 64))
     for bad in (np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 2), np.uint8),
                 np.zeros((0, 8, 3), np.uint8), np.zeros(8, np.uint8)):
         with pytest.raises(ValueError, match='image 0'):
             resize_batch([bad], 16)
     with pytest.raises(ValueError, match='size'):
-        resize_image(scene(8, 8), 0)
+        resize_image(noisy_scene(8, 8), 0)
 
 
 def test_resize_batch_matches_the_learners_within_tolerance():
     """What ContinualLearner.preprocess gets when the node resized the frames already."""
     from ros2_cbpnet.learner import resize_batch as learner_resize_batch
 
-    images = [scene(480, 640, seed=s) for s in range(3)] + [scene(720, 1280, seed=9)]
+    images = [noisy_scene(480, 640, seed=s) for s in range(3)] + [noisy_scene(720, 1280, seed=9)]
     ours, theirs = resize_batch(images, 128), learner_resize_batch(images, 128)
     assert ours.shape == theirs.shape
     mean, p99 = difference(ours, theirs)
