@@ -81,6 +81,7 @@ class TaskResult:
 
     ``task_id`` is None when every label was already known (the call only refined those
     classes and added no task). ``classes`` = ``new_classes`` + ``refined_classes``, sorted.
+    ``key_query_cosine`` close to ``key_query_cosine_max`` means the key converged.
     """
 
     task_id: Optional[int]
@@ -93,6 +94,10 @@ class TaskResult:
     model_version: int
     new_classes: List[str] = field(default_factory=list)
     refined_classes: List[str] = field(default_factory=list)
+    #: Mean cosine of the new task's key with its training queries, and the most any key
+    #: could reach on them (None when no prompt was trained).
+    key_query_cosine: Optional[float] = None
+    key_query_cosine_max: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
         """Plain dict for JSON."""
@@ -135,6 +140,7 @@ def _apply_state_config(state: CBPNet, config: LearnerConfig) -> None:
     if state.stats.shrinkage != config.lda_shrinkage:
         state.stats.shrinkage = config.lda_shrinkage
         state.stats.invalidate()
+    state.stats.spread = config.lda_spread
     state.cbp.enabled = config.cbp_enabled
     state.cbp.replacement_rate = config.cbp_replacement_rate
     state.cbp.maturity_threshold = config.cbp_maturity_threshold
@@ -213,6 +219,7 @@ class ContinualLearner:
             cbp_maturity_threshold=c.cbp_maturity_threshold, cbp_decay_rate=c.cbp_decay_rate,
             cbp_enabled=c.cbp_enabled, prompt_selection=c.prompt_selection,
             prediction=c.prediction, head_weight=c.head_weight, lda_shrinkage=c.lda_shrinkage)
+        state.stats.spread = c.lda_spread
         return state.to(self.device).eval()
 
     # ------------------------------------------------------------ properties
@@ -409,6 +416,7 @@ class ContinualLearner:
         y = torch.tensor([index[label] for label in labels], device=self.device)
         trunk, queries = self._frozen_pass(state, resized, cancel)
         replaced, train_accuracy, epochs = 0, float('nan'), 0
+        key_cosine: Optional[Tuple[float, float]] = None
         if task_id is not None and state.trains_prompts:
             new = torch.tensor([label not in known for label in labels], device=self.device)
             pick = torch.nonzero(new).flatten()
@@ -416,14 +424,16 @@ class ContinualLearner:
                             lambda idx: self._normalise(resized.take(pick[idx].cpu().numpy())))
             generator = torch.Generator().manual_seed(c.seed + 1000 * len(base.tasks))
             try:
-                replaced, train_accuracy, epochs = train_task(
-                    state, self.backbone, task_id, data, c, self._precision,
-                    generator=generator, progress=progress, cancel=cancel)
+                trained = train_task(state, self.backbone, task_id, data, c, self._precision,
+                                     generator=generator, progress=progress, cancel=cancel)
             except TrainingCancelled:
                 raise LearningCancelled() from None
             except TrainingDiverged as exc:
                 raise LearningError(f'{exc}; the task was rolled back and the previous model '
                                     'is kept. Lower learning_rate.') from None
+            replaced, train_accuracy, epochs = (trained.replaced_units, trained.train_accuracy,
+                                                trained.epochs)
+            key_cosine = (trained.key_query_cosine, trained.key_query_cosine_max)
         _check_cancel(cancel)
         features = self._block_inputs(state, resized, trunk, state.class_task[y], cancel) \
             if state.trains_prompts else None
@@ -454,7 +464,8 @@ class ContinualLearner:
         self.replacements_last_task = replaced
         return TaskResult(task_id, sorted(new_classes + refined), len(labels), epochs,
                           train_accuracy, time.monotonic() - started, replaced,
-                          snap.model_version, new_classes, refined)
+                          snap.model_version, new_classes, refined,
+                          *(key_cosine or (None, None)))
 
     @staticmethod
     def _check_labels(images: Sequence[np.ndarray], labels: Sequence[str],

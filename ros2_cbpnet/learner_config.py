@@ -14,9 +14,10 @@ import torch
 
 from .model.backbones import EMBEDDED_BACKBONE, Backbone, ViTBackbone
 from .model.cbpnet import PREDICTION_MODES, SELECTION_MODES
+from .model.statistics import SPREADS
 
 __all__ = [
-    'ARCH_FIELDS', 'LearnerConfig', 'MAX_LABEL_LENGTH', 'default_prompt_layers',
+    'ARCH_FIELDS', 'LearnerConfig', 'MAX_LABEL_LENGTH', 'RECIPES', 'default_prompt_layers',
     'resolve_device',
 ]
 
@@ -30,6 +31,17 @@ ARCH_FIELDS = ('g_prompt_length', 'g_prompt_layers', 'e_prompt_length', 'e_promp
                'cbp_hidden_units', 'image_size', 'query_layers')
 #: Longest accepted ``unknown_label`` (the node's label limit).
 MAX_LABEL_LENGTH = 128
+#: What each ``recipe`` fixes. ``custom``: nothing, every field as set (the defaults give the
+#: statistics recipe). ``paper``: CBPNet as published (arXiv 2509.15785 on DualPrompt, Wang et
+#: al. ECCV 2022): key-query E-prompt selection, one softmax head over all classes, the
+#: G-prompt trained on every task, the CBP block trained, no replay and nothing of the class
+#: statistics in the prediction. ``cbp_enabled`` stays free: off, it is the paper's own
+#: DualPrompt baseline in the same pipeline.
+RECIPES = {
+    'custom': {},
+    'paper': {'prediction': 'all', 'prompt_selection': 'key', 'feature_replay_coeff': 0.0,
+              'g_prompt_first_task_only': False, 'train_cbp_block': True},
+}
 
 
 @dataclass
@@ -41,6 +53,10 @@ class LearnerConfig:
     ``g_prompt_layers=[-1]`` means no G-prompt. Empty ``query_layers`` selects the family
     default query (CNN: pooled outputs of the last five stages; ViT: the pre-logits feature);
     ``query_layers=[-1]`` is the last layer alone (the backbone's pre-logits feature).
+
+    ``recipe`` is a preset: ``'paper'`` fixes the fields of :data:`RECIPES` ``['paper']`` to
+    the published CBPNet whatever they were set to (a copy made with :meth:`replace` keeps
+    them fixed); ``'custom'`` (default) leaves every field as set.
 
     Prediction (see :mod:`ros2_cbpnet.model.cbpnet`): ``prediction='stats'`` classifies with
     the closed-form LDA over the class statistics alone and trains nothing; ``'task'`` adds
@@ -56,6 +72,12 @@ class LearnerConfig:
     block and head; ``g_prompt_first_task_only`` freezes the shared G-prompt after the first
     task so those statistics stay exact. ``min_steps`` gives a task with few samples at least
     that many optimiser steps (more epochs), so few-shot teaching still trains.
+    ``key_steps``: each task's E-prompt key gets at least this many Adam steps of the pull
+    constraint (the key appears in no other loss term and the queries are frozen, so the
+    steps beyond the joint ones run on the cached queries alone and cost microseconds).
+
+    ``lda_spread`` says how a class's sample count enters its LDA score (see
+    :class:`~ros2_cbpnet.model.statistics.ClassStatistics`); ``'scaled'`` measured best.
 
     Open world: a frame whose novelty (0 = typical of a taught class, 1 = one standard
     deviation less like one) exceeds ``unknown_threshold`` is reported as ``unknown_label``;
@@ -98,11 +120,18 @@ class LearnerConfig:
     prediction: str = 'stats'
     head_weight: float = 1.0
     lda_shrinkage: float = 0.1
+    # Measured with class counts 10:1 on validation (scripts/sweep.py --groups spread).
+    lda_spread: str = 'scaled'
     feature_replay_coeff: float = 1.0
     g_prompt_first_task_only: bool = True
     grad_clip_norm: float = 1.0
     trunk_cache_mb: int = 512
     fast_paths: bool = True
+    # Chosen on validation (scripts/method_studies.py keys): the pull constraint's optimum is
+    # the mean direction of the task's queries; 80 joint steps left the keys at a cosine of
+    # 0.57-0.72 to their queries, this many reach it within 0.001.
+    key_steps: int = 1000
+    recipe: str = 'custom'
     seed: int = 0
     top_k: int = 5
     # Chosen on validation splits (digits, Fashion-MNIST; 2 classes held out, 3 seeds): the
@@ -110,6 +139,10 @@ class LearnerConfig:
     # frames are called unknown.
     unknown_threshold: float = 1.5
     unknown_label: str = 'unknown'
+
+    def __post_init__(self) -> None:
+        for name, value in RECIPES.get(self.recipe, {}).items():
+            setattr(self, name, value)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
@@ -127,6 +160,8 @@ class LearnerConfig:
              'query_layers must be >= 0 ([-1] = the last layer only)')
         need(1 <= self.epochs <= 1000, 'epochs must be 1..1000')
         need(0 <= self.min_steps <= 100000, 'min_steps must be 0..100000')
+        need(0 <= self.key_steps <= 1000000, 'key_steps must be 0..1000000')
+        need(self.recipe in RECIPES, f'recipe must be one of {tuple(RECIPES)}')
         need(1 <= self.batch_size <= 4096, 'batch_size must be 1..4096')
         need(math.isfinite(self.learning_rate) and self.learning_rate > 0,
              'learning_rate must be a positive number')
@@ -146,6 +181,7 @@ class LearnerConfig:
         need(math.isfinite(self.head_weight) and self.head_weight >= 0,
              'head_weight must be >= 0')
         need(0.0 <= self.lda_shrinkage <= 1.0, 'lda_shrinkage must be in [0, 1]')
+        need(self.lda_spread in SPREADS, f'lda_spread must be one of {SPREADS}')
         need(math.isfinite(self.feature_replay_coeff) and self.feature_replay_coeff >= 0,
              'feature_replay_coeff must be >= 0')
         need(self.grad_clip_norm > 0, 'grad_clip_norm must be > 0')

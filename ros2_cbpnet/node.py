@@ -75,7 +75,7 @@ from .node_diagnostics import (BAD_LABEL, LearnerFacts, NodeStats, StatusBuilder
                                status_prefix)
 from .node_parameters import (CLASS_LABELS_PARAMETER, DEFAULTS, LEARNER_PARAMS, PARAMETERS,
                               ConfigError, check_parameters, declare_class_labels,
-                              declare_parameters, plain_value)
+                              declare_parameters, plain_value, recipe_conflict, recipe_fixes)
 from .ros_logging import forward_package_logs, stop_forwarding
 from .sample_buffer import MAX_LABEL_LENGTH, SampleBuffer, validate_label
 from .teaching import TeachSession
@@ -196,6 +196,7 @@ class CBPNetNode(Node):
             config = check_parameters(self._values)
         except ValueError as exc:
             raise ConfigError(f'invalid parameter: {exc}') from exc
+        self._write_recipe_values()
         directory = self._values['checkpoint_dir'].strip()
         self._checkpoint_dir = os.path.abspath(os.path.expanduser(directory)) if directory else ''
         loaded = self._create_learner(config)
@@ -337,7 +338,26 @@ class CBPNetNode(Node):
                 values[param.name] = plain_value(param.value)
         return values
 
+    def _write_recipe_values(self) -> None:
+        """Give the parameters that the selected recipe fixes the values it uses, so
+        ``ros2 param get`` never reads back a value the learner ignores."""
+        fixed = recipe_fixes(self._values)
+        if not fixed:
+            return
+        self.get_logger().info(f"recipe {self._values['recipe']} sets " + ', '.join(
+            f'{name}={value}' for name, value in sorted(fixed.items())))
+        self._values.update(fixed)
+        results = self.set_parameters([Parameter(name, value=value)
+                                       for name, value in fixed.items()])
+        for name, result in zip(fixed, results):
+            if not result.successful:
+                self.get_logger().error(f'could not set {name}: {result.reason}')
+
     def _validate_parameter_change(self, params: List[Parameter]) -> SetParametersResult:
+        why = recipe_conflict(self._values, {p.name: plain_value(p.value) for p in params
+                                             if p.name in PARAMETERS})
+        if why:
+            return SetParametersResult(successful=False, reason=why)
         for param in params:
             if param.name == CLASS_LABELS_PARAMETER and not getattr(
                     self._writing_labels, 'active', False):
@@ -371,11 +391,14 @@ class CBPNetNode(Node):
             # the executor raise InvalidHandle.
             self._diagnostics_timer.timer_period_ns = int(new['diagnostics_period_s'] * 1e9)
             self._diagnostics_timer.reset()
-        if changed & {'publish_vision_msgs', 'prompt_selection', 'prediction', 'cbp_enabled'}:
+        if changed & {'publish_vision_msgs', 'prompt_selection', 'prediction', 'cbp_enabled',
+                      'recipe', 'train_cbp_block'}:
             self._publish_vision_info()
         if changed:
             self.get_logger().info('parameters changed: ' + ', '.join(
                 f'{name}={new[name]}' for name in sorted(changed)))
+        if 'recipe' in changed:
+            self._write_recipe_values()
 
     def _validate_and_apply(self, params: List[Parameter]) -> SetParametersResult:
         result = self._validate_parameter_change(params)
@@ -596,7 +619,7 @@ class CBPNetNode(Node):
         c = self.learner.config
         self._vision_info_pub.publish(vision_info_message(
             self.get_clock().now().to_msg(),
-            method_name(c.backbone, c.prompt_selection, c.prediction, c.cbp_enabled),
+            method_name(c),
             f'{self.get_fully_qualified_name()}/{CLASS_LABELS_PARAMETER}',
             self.learner.model_version, self._vision))
 

@@ -20,11 +20,13 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from .learner import LearnerConfig
+from .learner_config import RECIPES
 from .sample_buffer import validate_label
 
 __all__ = ['CLASS_LABELS_PARAMETER', 'ConfigError', 'DEFAULTS', 'LEARNER_PARAMS',
            'NODE_DEFAULT_OVERRIDES', 'NOT_EXPOSED', 'PARAMETERS', 'ParamSpec', 'QOS_CHOICES',
-           'check_parameters', 'declare_class_labels', 'declare_parameters', 'plain_value']
+           'check_parameters', 'declare_class_labels', 'declare_parameters', 'plain_value',
+           'recipe_conflict', 'recipe_fixes']
 
 QOS_CHOICES = ('sensor_data', 'reliable')
 
@@ -35,11 +37,13 @@ LEARNER_PARAMS: Tuple[str, ...] = (
     'e_prompt_length', 'e_prompt_layers', 'pull_constraint_coeff', 'train_cbp_block',
     'cbp_enabled', 'cbp_hidden_units', 'cbp_replacement_rate', 'cbp_maturity_threshold',
     'cbp_decay_rate', 'prompt_selection', 'prediction', 'head_weight', 'lda_shrinkage',
-    'feature_replay_coeff', 'g_prompt_first_task_only', 'seed', 'top_k', 'unknown_threshold',
-    'unknown_label')
+    'feature_replay_coeff', 'g_prompt_first_task_only', 'key_steps', 'recipe', 'seed', 'top_k',
+    'unknown_threshold', 'unknown_label')
 #: LearnerConfig fields deliberately not exposed (benchmark and numerical-safety knobs); a
 #: test fails when LearnerConfig gains a field that is in neither tuple.
-NOT_EXPOSED: Tuple[str, ...] = ('grad_clip_norm', 'trunk_cache_mb', 'fast_paths')
+NOT_EXPOSED: Tuple[str, ...] = ('grad_clip_norm', 'trunk_cache_mb', 'fast_paths',
+                                # an evaluation knob: the measured choice is fixed
+                                'lda_spread')
 
 #: The only node default that differs from LearnerConfig's: LearnerConfig's 0 means the
 #: backbone's own size (224 for Lite0); 128 px keeps a 2-core robot at camera rate while
@@ -152,7 +156,17 @@ PARAMETERS: Dict[str, ParamSpec] = {
     'g_prompt_first_task_only': ParamSpec(_T.PARAMETER_BOOL, 'train the shared G-prompt on the '
                                           'first task only, so earlier tasks keep their '
                                           'features; false = DualPrompt (always)'),
+    'key_steps': ParamSpec(_T.PARAMETER_INTEGER, 'Adam steps of the pull constraint each '
+                           "E-prompt key gets at least (on the task's cached queries)", 0,
+                           1_000_000),
     'seed': ParamSpec(_T.PARAMETER_INTEGER, 'random seed of training', 0, 2 ** 31 - 1),
+    # --- recipe (applies to prediction at once, to learning from the next task)
+    'recipe': ParamSpec(_T.PARAMETER_STRING, 'custom = every parameter as set (the defaults '
+                        'are the statistics recipe); paper = the published CBPNet: sets '
+                        'prediction all, prompt_selection key, feature_replay_coeff 0, '
+                        'g_prompt_first_task_only false, train_cbp_block true and keeps them '
+                        'so (cbp_enabled false = its DualPrompt baseline)',
+                        constraints='custom or paper'),
     # --- prediction (apply at once)
     'prompt_selection': ParamSpec(_T.PARAMETER_STRING, 'how the E-prompt is chosen for a '
                                   'frame', constraints='key, class_mean or lda'),
@@ -252,6 +266,30 @@ def check_parameters(values: Dict[str, Any]) -> LearnerConfig:
     if config.image_size and config.image_size < 16:
         raise ValueError('image_size must be 0 or 16..1024')
     return config
+
+
+def recipe_fixes(values: Dict[str, Any]) -> Dict[str, Any]:
+    """The parameters whose values the selected ``recipe`` overrules, with the values it
+    gives them (empty when they already agree or the recipe is ``custom``)."""
+    return {name: value for name, value in RECIPES.get(values.get('recipe'), {}).items()
+            if values.get(name) != value}
+
+
+def recipe_conflict(current: Dict[str, Any], changes: Dict[str, Any]) -> Optional[str]:
+    """Why a change of parameters contradicts the recipe it leaves selected, or None.
+
+    Switching ``recipe`` to ``paper`` is fine (the node then writes the recipe's values);
+    changing a field that ``paper`` fixes while it stays selected is refused, so a parameter
+    never reads back a value the learner does not use.
+    """
+    recipe = changes.get('recipe', current.get('recipe'))
+    fixed = RECIPES.get(recipe, {})
+    clash = sorted(name for name, value in changes.items()
+                   if name in fixed and value != fixed[name])
+    if not clash:
+        return None
+    return (f"recipe '{recipe}' fixes {', '.join(f'{n}={fixed[n]}' for n in clash)}; "
+            "set recipe to custom first")
 
 
 def _descriptor(name: str, spec: ParamSpec) -> ParameterDescriptor:

@@ -6,6 +6,12 @@ cross-entropy on pseudo-features of earlier classes drawn from their stored Gaus
 project's drift control). Adam with a constant learning rate, gradient-norm clipping and,
 for fp16, loss scaling (:class:`~ros2_cbpnet.precision.TrainingPrecision`). Continual
 backpropagation runs after every optimiser step that was taken.
+
+The key of the task's E-prompt appears only in the pull constraint, whose other input (the
+frozen query) has no gradient, so its training is separable: after the joint steps it gets
+more Adam steps on the cached queries alone until it has had ``key_steps`` in all
+(:func:`train_key`). DualPrompt's keys get on the order of a thousand steps per task; a
+robot's small task gives tens, which left keys far from their optimum.
 """
 from __future__ import annotations
 
@@ -22,8 +28,8 @@ from .model.backbones import Backbone
 from .model.cbpnet import CBPNet
 from .precision import TrainingPrecision
 
-__all__ = ['Progress', 'TaskData', 'TrainingCancelled', 'TrainingDiverged', 'steps_for',
-           'train_task']
+__all__ = ['Progress', 'TaskData', 'TaskTraining', 'TrainingCancelled', 'TrainingDiverged',
+           'key_query_cosine', 'steps_for', 'train_key', 'train_task']
 
 
 @dataclass
@@ -54,6 +60,22 @@ class TaskData:
     inputs: Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class TaskTraining:
+    """What :func:`train_task` reports.
+
+    ``key_query_cosine``: mean cosine between the task's key and its training queries after
+    training; ``key_query_cosine_max``: the largest value any key can reach on them (the norm
+    of the mean unit query), so the two together show whether the key converged.
+    """
+
+    replaced_units: int
+    train_accuracy: float
+    epochs: int
+    key_query_cosine: float
+    key_query_cosine_max: float
+
+
 class TrainingCancelled(Exception):
     """The cancel event was set; the state being trained must be discarded."""
 
@@ -74,13 +96,10 @@ def train_task(state: CBPNet, backbone: Backbone, task_id: int, data: TaskData,
                config: LearnerConfig, precision: TrainingPrecision, *,
                generator: torch.Generator,
                progress: Optional[Callable[[Progress], None]] = None,
-               cancel: Optional[threading.Event] = None) -> tuple:
+               cancel: Optional[threading.Event] = None) -> TaskTraining:
     """Train task ``task_id``'s E-prompt and key, (the G-prompt,) the block and the head.
 
     ``state`` is a private copy and is changed in place.
-
-    Returns:
-        (CBP replacements, training accuracy of the last epoch, epochs run).
 
     Raises:
         TrainingCancelled: ``cancel`` was set.
@@ -147,8 +166,43 @@ def train_task(state: CBPNet, backbone: Backbone, task_id: int, data: TaskData,
                 progress(Progress(task_id, epoch + 1, epochs, step, steps,
                                   float(loss.detach()), correct / seen, replaced))
     state.set_g_prompt_trainable(True)
+    if c.pull_constraint_coeff > 0:
+        train_key(state, task_id, data.queries, c.key_steps - step, config=c,
+                  generator=generator, cancel=cancel)
     state.prompts.invalidate()  # the prompts and keys changed in place
     state.eval()
     if not all(torch.isfinite(p).all() for p in params):
         raise TrainingDiverged('training produced non-finite weights')
-    return replaced, correct / max(seen, 1), epochs
+    cosine, best = key_query_cosine(state, task_id, data.queries)
+    return TaskTraining(replaced, correct / max(seen, 1), epochs, cosine, best)
+
+
+def train_key(state: CBPNet, task_id: int, queries: torch.Tensor, steps: int, *,
+              config: LearnerConfig, generator: torch.Generator,
+              cancel: Optional[threading.Event] = None) -> None:
+    """``steps`` more Adam steps of the pull constraint on task ``task_id``'s key alone,
+    in batches of the cached ``queries`` (same learning rate and clipping as the task)."""
+    if steps <= 0:
+        return
+    key = state.prompts.prompt_keys[task_id]
+    optimizer = torch.optim.Adam([key], lr=config.learning_rate)
+    q = queries.float()
+    n = q.shape[0]
+    for step in range(steps):
+        if step % 100 == 0 and cancel is not None and cancel.is_set():
+            raise TrainingCancelled()
+        idx = torch.randint(n, (min(config.batch_size, n),), generator=generator).to(q.device)
+        loss = -config.pull_constraint_coeff * state.prompts.pull_constraint(q[idx], task_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([key], config.grad_clip_norm)
+        optimizer.step()
+
+
+@torch.no_grad()
+def key_query_cosine(state: CBPNet, task_id: int, queries: torch.Tensor) -> tuple:
+    """(mean cosine of the task's key with ``queries``, the largest mean cosine any key
+    reaches on them)."""
+    unit = F.normalize(queries.float(), dim=1)
+    key = F.normalize(state.prompts.prompt_keys[task_id].detach().float(), dim=0)
+    return float((unit @ key).mean()), float(unit.mean(0).norm())

@@ -72,12 +72,26 @@ def classification_message(header: Any, pairs: Sequence[Tuple[str, float]],
     return msg
 
 
-def method_name(backbone: str, prompt_selection: str, prediction: str,
-                cbp_enabled: bool) -> str:
-    """VisionInfo ``method``: the backbone and the recipe, e.g.
-    ``'CBPNet on tf_efficientnet_lite0 (selection lda, prediction task, CBP on)'``."""
-    return (f"CBPNet on {backbone} (selection {prompt_selection}, prediction {prediction}, "
-            f"CBP {'on' if cbp_enabled else 'off'})")
+def method_name(config: Any) -> str:
+    """VisionInfo ``method``: what classifies the frames, from a learner configuration.
+
+    Says which of CBPNet's parts are in use: under ``prediction: stats`` no prompt and no
+    CBP block touch a frame, and the text says so rather than "CBP on".
+    """
+    backbone = config.backbone
+    cbp = 'CBP on' if config.cbp_enabled else 'CBP off'
+    if not config.train_cbp_block:
+        cbp = 'CBP block untrained'
+    if config.prediction == 'stats':
+        return (f'class statistics (shrinkage LDA) of a frozen multi-layer query of {backbone}; '
+                'prompts and CBP block not in use')
+    if config.recipe == 'paper':
+        name = 'CBPNet, paper recipe' if config.cbp_enabled else \
+            'DualPrompt (CBPNet paper recipe, CBP off)'
+        return (f'{name} on {backbone}: key-selected E-prompts, CBP block ({cbp}), '
+                'softmax head over all classes')
+    return (f'CBPNet on {backbone} (selection {config.prompt_selection}, prediction '
+            f'{config.prediction}, {cbp})')
 
 
 def vision_info_message(stamp: Any, method: str, database_location: str, model_version: int,

@@ -34,13 +34,13 @@ import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
-from rcl_interfaces.srv import SetParameters
+from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.context import Context
 from rclpy.exceptions import InvalidHandle
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
-from rclpy.parameter import Parameter
+from rclpy.parameter import Parameter, parameter_value_to_python
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
@@ -598,6 +598,16 @@ class RosClient(Node):
     def call_trigger(self, name: str, timeout: float = 60.0) -> Trigger.Response:
         """Call a ``std_srvs/Trigger`` service and wait for the answer."""
         return self.result(self.call_async(Trigger, name, timeout=timeout), timeout)
+
+    def get_parameters(self, names: Sequence[str], node: Optional[str] = None,
+                       timeout: float = 30.0) -> Dict[str, Any]:
+        """Values of parameters of ``node`` (default the target) over its get_parameters
+        service, as ``ros2 param get`` reads them (an unset one is None)."""
+        request = GetParameters.Request()
+        request.names = list(names)
+        service = f'{node or self.target}/get_parameters'
+        reply = self.result(self.call_async(GetParameters, service, request, timeout), timeout)
+        return dict(zip(request.names, (parameter_value_to_python(v) for v in reply.values)))
 
     def set_parameters(self, values: Dict[str, Any], node: Optional[str] = None,
                        timeout: float = 30.0) -> List[SetParametersResult]:

@@ -166,13 +166,25 @@ def test_classification_message_copies_header_and_hypotheses():
 
 
 def test_vision_info_message():
-    msg = vision_info_message((5, 6), method_name('tf_efficientnet_lite0', 'lda', 'task', True),
-                              '/robot1/cbpnet/class_labels', 7, FAKE)
+    config = LearnerConfig(prediction='task')
+    msg = vision_info_message((5, 6), method_name(config), '/robot1/cbpnet/class_labels', 7,
+                              FAKE)
     assert msg.header.stamp == (5, 6) and msg.database_version == 7
     assert msg.database_location == '/robot1/cbpnet/class_labels'
     assert msg.method == ('CBPNet on tf_efficientnet_lite0 (selection lda, prediction task, '
                           'CBP on)')
     assert vision_info_message(None, 'm', 'l', 2 ** 40, FAKE).database_version == 2 ** 31 - 1
+
+
+def test_vision_info_method_names_the_parts_in_use():
+    """The default uses neither prompts nor the block: the method must not say 'CBP on'."""
+    default = method_name(LearnerConfig())
+    assert 'not in use' in default and 'CBP on' not in default
+    assert method_name(LearnerConfig(recipe='paper')).startswith('CBPNet, paper recipe')
+    assert 'CBP on' in method_name(LearnerConfig(recipe='paper'))
+    assert method_name(LearnerConfig(recipe='paper', cbp_enabled=False)).startswith(
+        'DualPrompt')
+    assert 'untrained' in method_name(LearnerConfig(prediction='all', train_cbp_block=False))
 
 
 def test_load_vision_msgs_says_why_when_missing():

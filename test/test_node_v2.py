@@ -273,6 +273,36 @@ def test_cbp_status_says_when_no_frame_passes_the_block(harness, two_tasks):
     _, values = status(c, 'cbp block', lambda level, v: v['in_use'] == 'true')
 
 
+PAPER = {'prediction': 'all', 'prompt_selection': 'key', 'feature_replay_coeff': 0.0,
+         'g_prompt_first_task_only': False, 'train_cbp_block': True}
+
+
+def test_recipe_paper_is_one_parameter_and_holds_its_fields(harness, two_tasks):
+    """`recipe: paper` gives every part of the published method, the parameters read back
+    what the learner uses, and a field it fixes cannot be changed behind its back."""
+    c, node = harness.client, harness.node
+    before = c.get_parameters(list(PAPER))
+    assert before['prediction'] == 'task'  # the harness's own recipe
+    assert c.set_parameters({'recipe': 'paper'})[0].successful
+    try:
+        assert wait_until(lambda: c.get_parameters(list(PAPER)) == PAPER, 10), \
+            c.get_parameters(list(PAPER))
+        assert {k: getattr(node.learner.config, k) for k in PAPER} == PAPER
+        assert (node.learner.state.prediction, node.learner.state.prompt_selection) == (
+            'all', 'key')
+        refused = c.set_parameters({'prediction': 'stats'})[0]
+        assert not refused.successful and "recipe 'paper' fixes prediction=all" in refused.reason
+        assert c.get_parameters(['prediction'])['prediction'] == 'all'
+        # Frames pass the prompts and the block: its diagnostics are live.
+        _, values = status(c, 'cbp block', lambda level, v: v['in_use'] == 'true')
+        predict(c, noisy_images(RED, 1, rng=np.random.default_rng(5))[0], 'paper_red')
+    finally:
+        assert c.set_parameters({'recipe': 'custom'})[0].successful
+        for name, value in before.items():
+            assert c.set_parameters({name: value})[0].successful, name
+    assert c.get_parameters(list(PAPER)) == before
+
+
 def test_diagnostics_period_changes_the_rate(harness):
     c = harness.client
     collector = c.diagnostics()
@@ -462,7 +492,13 @@ def test_persistence_off_save_refused_and_learn_answers_checkpoint_null(bare, tm
 
 
 def test_save_before_any_task_is_refused(tmp_path):
-    with node_in_process(params(checkpoint_dir=str(tmp_path)), namespace='/fresh') as h:
+    # Also: a node started with recipe paper reads back the recipe's values, whatever the
+    # parameters file said for them.
+    with node_in_process(params(checkpoint_dir=str(tmp_path), recipe='paper',
+                                prediction='stats', feature_replay_coeff=2.0),
+                         namespace='/fresh') as h:
+        assert h.client.get_parameters(list(PAPER)) == PAPER
+        assert h.node.learner.config.prediction == 'all'
         saved = h.client.call_trigger('~/save')
         assert not saved.success
         assert 'no task has been learned' in json.loads(saved.message)['error']

@@ -63,6 +63,11 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help='test images per class (default: all for digits, 60 otherwise)')
     p.add_argument('--image-size', type=int, default=64, help='node parameter image_size')
     p.add_argument('--epochs', type=int, default=None, help='node parameter epochs')
+    p.add_argument('--recipe', choices=('custom', 'paper'), default=None,
+                   help="node parameter recipe: paper = the published CBPNet (prompts, CBP "
+                   "block, softmax head); default: the node's (statistics)")
+    p.add_argument('--cbp', choices=('on', 'off'), default=None,
+                   help='node parameter cbp_enabled (off with --recipe paper = DualPrompt)')
     p.add_argument('--seed', type=int, default=0, help='data split and learner seed')
     p.add_argument('--out-dir', default='demo_results', help='where the plot and JSON go')
     p.add_argument('--restart-between-tasks', action='store_true',
@@ -310,6 +315,10 @@ def _params_file(path: Path, args: argparse.Namespace, checkpoint_dir: Path,
     }
     if args.epochs is not None:
         params['epochs'] = args.epochs
+    if args.recipe is not None:
+        params['recipe'] = args.recipe
+    if args.cbp is not None:
+        params['cbp_enabled'] = args.cbp == 'on'
     lines = [f'{NODE_NAME}:', '  ros__parameters:']
     lines += [f'    {k}: {json.dumps(v)}' for k, v in params.items()]
     path.write_text('\n'.join(lines) + '\n')
@@ -321,6 +330,20 @@ def _best_taught(prediction: Optional[Dict[str, Any]]) -> Optional[str]:
         return None
     topk = prediction.get('topk') or []
     return topk[0]['label'] if topk else prediction.get('label')
+
+
+def _cbp_line(cbp: Dict[str, Any], prompts: Dict[str, Any]) -> str:
+    """The CBP block's and prompt selection's diagnostics in one line ('' when the block is
+    not in use)."""
+    if cbp.get('in_use') is not True:
+        return ''
+    selected = {k[5:]: v for k, v in prompts.items() if k.startswith('task_')}
+    return (f"CBP block: {cbp.get('replacements_total')} replacements in total, utility "
+            f"mean {float(cbp.get('utility_mean', 0)):.2e} (min "
+            f"{float(cbp.get('utility_min', 0)):.2e}, max {float(cbp.get('utility_max', 0)):.2e})"
+            f", dormant fraction {float(cbp.get('dormant_fraction', 0)):.2f}, mature units "
+            f"{cbp.get('mature_units')}; E-prompts selected so far "
+            + ', '.join(f'T{t}: {n}' for t, n in selected.items()))
 
 
 def _score(client: DemoClient, ds: ImageDataset, tasks: List[List[int]], upto: int,
@@ -387,6 +410,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  learned in {reply['duration_s']:.1f} s, train accuracy "
                   f"{reply['train_accuracy']:.3f}, {reply['replaced_units']} CBP "
                   f"replacements, checkpoint {reply.get('checkpoint')}", flush=True)
+            if reply.get('key_query_cosine') is not None:
+                print(f"  key-query cosine {reply['key_query_cosine']:.3f} (the most a key "
+                      f"reaches on these images: {reply['key_query_cosine_max']:.3f})",
+                      flush=True)
             row, sent, missing, unknown = _score(client, ds, tasks, t, f'after{t}')
             sent_total += sent
             missing_total += missing
@@ -395,6 +422,10 @@ def run(args: argparse.Namespace) -> int:
             print('  accuracy per task so far: ' + '  '.join(
                 f'T{j}={a:.3f}' for j, a in enumerate(row)) + f'  (mean {np.mean(row):.3f}); '
                 f'{unknown} of {sent} taught-class frames called unknown', flush=True)
+            block = _cbp_line(client.diagnostics.get('cbp block', {}),
+                              client.diagnostics.get('prompts', {}))
+            if block:
+                print(f'  {block}', flush=True)
             if args.restart_between_tasks and t < len(tasks) - 1:
                 node, report = _restart(client, node, params, out_dir, env, args, ds, tasks,
                                         t, row)
@@ -404,6 +435,7 @@ def run(args: argparse.Namespace) -> int:
         code = 1
     finally:
         cbp = dict(client.diagnostics.get('cbp block', {}))
+        prompts_diag = dict(client.diagnostics.get('prompts', {}))
         learner_diag = dict(client.diagnostics.get('learner', {}))
         inference = dict(client.diagnostics.get('inference', {}))
         node_alive = node.alive()
@@ -439,9 +471,7 @@ def run(args: argparse.Namespace) -> int:
         if cbp.get('in_use') is False:
             print('CBP block: not in use (prediction: stats, the default)')
         else:
-            print(f"CBP block: {cbp.get('replacements_total')} replacements in total, dormant "
-                  f"fraction {cbp.get('dormant_fraction')}, mean utility "
-                  f"{cbp.get('utility_mean')}")
+            print(_cbp_line(cbp, prompts_diag))
         if missing_total:
             print(f'{missing_total} test frames got no prediction (counted as wrong)')
         try:
