@@ -142,3 +142,39 @@ def test_a_checkpoint_of_the_first_layout_still_loads():
     a, b = learner.predict(images), restored.predict(images)
     assert [p.label for p in a] == [p.label for p in b]
     assert np.allclose([p.score for p in a], [p.score for p in b], atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def digits_queries():
+    """Multi-layer queries of digits through the embedded backbone, on a validation split
+    (every other class keeps a tenth of its training images) and its held-out images."""
+    from ros2_cbpnet.datasets import load_dataset
+    from ros2_cbpnet.tools.eval_protocols import thin_classes, validation_split
+    data = thin_classes(validation_split(load_dataset('digits', seed=0), 0.2, 0), 10, 0)
+    learner = ContinualLearner(LearnerConfig(image_size=64, device='cpu'))
+
+    def queries(images):
+        with torch.no_grad():
+            x = learner.preprocess(list(images))
+            return learner.backbone.query(x, learner.config.query_layers)
+    return (queries(data.train_images), torch.from_numpy(data.train_labels),
+            queries(data.test_images), torch.from_numpy(data.test_labels))
+
+
+def test_predictive_spread_rule_measured_with_counts_ten_to_one(digits_queries):
+    """Why the score divides by 1 + 1/n and drops -D/2 log(1 + 1/n): with classes taught
+    ten times less often than the others, the full predictive log-density over-penalises
+    the rare classes, and ignoring the counts lets the frequent ones draw their frames."""
+    x, y, probe, truth = digits_queries
+    counts = torch.bincount(y)
+    assert (counts[1::2] * 8 < counts[0::2]).all()  # odd classes thinned ~10x
+    active = torch.ones(10, dtype=torch.bool)
+    acc = {}
+    for spread in ('scaled', 'full', 'none'):
+        st = ClassStatistics(x.shape[1], 1, 0.1, spread=spread)
+        st.grow(10)
+        st.add(y, x)
+        acc[spread] = (st.log_posterior(probe, active).argmax(1) == truth).float().mean().item()
+    assert acc['scaled'] >= acc['full'] + 0.01 and acc['scaled'] >= acc['none'] + 0.01, acc
+    with pytest.raises(ValueError, match='lda_spread'):
+        ClassStatistics(4, 1, spread='half')

@@ -28,7 +28,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ['ClassStatistics']
+__all__ = ['ClassStatistics', 'SPREADS']
+
+SPREADS = ('scaled', 'full', 'none')
 
 
 class ClassStatistics(nn.Module):
@@ -38,14 +40,22 @@ class ClassStatistics(nn.Module):
         query_dim: size of the frozen query.
         feature_dim: size of the prompted feature (for feature replay).
         shrinkage: weight of the isotropic part of the covariance, in [0, 1].
+        spread: how a class's sample count enters its score (:data:`SPREADS`):
+            ``'scaled'`` divides the squared distance by the predictive spread ``1 + 1/n``;
+            ``'full'`` is the whole Gaussian predictive log-density, which also subtracts
+            ``D/2 log(1 + 1/n)``; ``'none'`` ignores the counts (plain LDA).
     """
 
-    def __init__(self, query_dim: int, feature_dim: int, shrinkage: float = 0.1) -> None:
+    def __init__(self, query_dim: int, feature_dim: int, shrinkage: float = 0.1,
+                 spread: str = 'scaled') -> None:
         super().__init__()
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError('lda_shrinkage must be in [0, 1]')
+        if spread not in SPREADS:
+            raise ValueError(f'lda_spread must be one of {SPREADS}')
         self.query_dim, self.feature_dim = int(query_dim), int(feature_dim)
         self.shrinkage = float(shrinkage)
+        self.spread = spread
         self.register_buffer('class_count', torch.zeros(0, dtype=torch.long))
         self.register_buffer('query_mean', torch.zeros(0, query_dim))
         self.register_buffer('query_scatter', torch.zeros(query_dim, query_dim))
@@ -167,7 +177,16 @@ class ClassStatistics(nn.Module):
         # A new sample lies (1 + 1/n) times farther from an estimated class mean than from
         # the true one; dividing by it keeps a class taught with many views from drawing
         # the frames of classes taught with few (what refining one class would otherwise do).
-        scores = -0.5 * dist / (1.0 + 1.0 / self.class_count.clamp_min(1).to(dist.dtype))
+        # The full predictive density also subtracts D/2 log(1 + 1/n): measured with class
+        # counts 10:1 (README, "Predictive spread"), that term over-penalises the rare
+        # classes by several points of accuracy, so 'scaled' (without it) is the default.
+        spread = 1.0 + 1.0 / self.class_count.clamp_min(1).to(dist.dtype)
+        if self.spread == 'none':
+            scores = -0.5 * dist
+        else:
+            scores = -0.5 * dist / spread
+            if self.spread == 'full':
+                scores = scores - 0.5 * self.query_dim * torch.log(spread)
         scores = scores.float().masked_fill(~lda['seen'], float('-inf'))
         return torch.log_softmax(scores, dim=1)
 
