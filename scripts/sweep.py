@@ -16,7 +16,14 @@ Groups (``--groups``, default all):
 - ``head``: the prompted head's weight in ``task`` prediction, against statistics only;
 - ``cbp``: replacement rate x maturity of the CBP block in the learned recipe, on the
   lifetime stream (mean learning accuracy over its tasks);
-- ``baselines``: the ranpac projection size and ridge, the lda shrinkage.
+- ``baselines``: the ranpac projection size and ridge, the lda shrinkage;
+- ``keys``: steps of the pull constraint per E-prompt key in the paper recipe (the table
+  also gives the task-selection accuracy, the share of frames whose selected E-prompt is
+  their own task's);
+- ``paper``: learning rate x epochs of the paper recipe (``cbpnet-paper``; ``dualprompt``, its
+  CBP-off twin, is then run at the same setting, so CBP on and off are compared at one);
+- ``spread``: the LDA's predictive spread (``scaled``, ``full``, ``none``) when class counts
+  differ ten-fold (``--count-ratio 10``: every other class keeps a tenth of its images).
 
 Example::
 
@@ -60,6 +67,12 @@ GROUPS: Dict[str, Dict[str, str]] = {
            f'{LIFETIME} --cbp-replacement-rate {r} --cbp-maturity-threshold {m}'
            for r in (1e-3, 1e-2) for m in (20, 100)},
     },
+    'keys': {f'paper recipe, key steps {k}': f'--method cbpnet-paper --key-steps {k}'
+             for k in (0, 100, 300, 1000, 3000)},
+    'paper': {f'paper recipe, lr {lr}, {e} epochs': f'--method cbpnet-paper --lr {lr} '
+              f'--epochs {e}' for lr in (0.002, 0.01, 0.03) for e in (5, 20)},
+    'spread': {f'spread {m}, counts 10:1': f'--lda-spread {m} --count-ratio 10'
+               for m in ('scaled', 'full', 'none')},
     'baselines': {
         **{f'ranpac dim {d} ridge {r}': f'--method ranpac --ranpac-dim {d} --ranpac-ridge {r}'
            for d in (2000, 5000) for r in (0.01, 0.1, 1.0)},
@@ -99,6 +112,7 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument('--extra', default='', help='options added to every run')
     args = p.parse_args(argv)
     table: Dict[str, Dict[str, Dict[str, float]]] = {}
+    selection: Dict[str, Dict[str, Dict[str, float]]] = {}
     for group in args.groups.split(','):
         for name, options in GROUPS[group].items():
             for dataset in args.datasets.split(','):
@@ -108,6 +122,7 @@ def main(argv: List[str] | None = None) -> int:
                     extra = shlex.split(options) + shlex.split(args.extra)
                     if '--method' not in extra:
                         extra += ['--method', 'cbpnet']
+
                     if '--protocol' not in extra:
                         extra += ['--tasks', str(args.tasks)]
                     evaluate(_dataset_args(dataset, args.train_per_class) + [
@@ -122,6 +137,9 @@ def main(argv: List[str] | None = None) -> int:
                 # Incremental runs: average accuracy; lifetime runs: learning accuracy.
                 table.setdefault(group, {}).setdefault(name, {})[dataset] = float(np.mean(
                     [r.get('average_accuracy', r['learning_accuracy']) for r in runs]))
+                if all('mean_task_selection_accuracy' in r for r in runs):
+                    selection.setdefault(group, {}).setdefault(name, {})[dataset] = float(
+                        np.mean([r['mean_task_selection_accuracy'] for r in runs]))
     datasets = args.datasets.split(',')
     print(f'\nValidation split ({args.validation_fraction:.0%} of each class\'s training '
           f'images; test images never loaded), seeds {args.seeds}; mean average accuracy % '
@@ -131,7 +149,10 @@ def main(argv: List[str] | None = None) -> int:
         print('| setting | ' + ' | '.join(datasets) + ' | mean |')
         print('|---|' + '---|' * (len(datasets) + 1))
         for name, values in sorted(rows.items(), key=lambda kv: -np.mean(list(kv[1].values()))):
-            cells = [f'{100 * values[d]:.2f}' if d in values else '-' for d in datasets]
+            picked = selection.get(group, {}).get(name, {})
+            cells = [(f'{100 * values[d]:.2f}' + (f' (selection {100 * picked[d]:.1f})'
+                                                  if d in picked else ''))
+                     if d in values else '-' for d in datasets]
             mean = 100 * np.mean(list(values.values()))
             print(f'| {name} | ' + ' | '.join(cells) + f' | {mean:.2f} |')
     return 0

@@ -13,7 +13,8 @@ from ros2_cbpnet.baselines import (LinearProbe, NearestClassMean, RandomProjecti
 from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
 from ros2_cbpnet.model import load_backbone
 from ros2_cbpnet.tools import evaluate
-from ros2_cbpnet.tools.eval_methods import PUBLISHED_DUALPROMPT, learner_config
+from ros2_cbpnet.learner_config import RECIPES
+from ros2_cbpnet.tools.eval_methods import learner_config
 from ros2_cbpnet.tools.eval_protocols import auroc, validation_split
 from ros2_cbpnet.tools.evaluate import INTERFACE_KEYS, main
 
@@ -118,10 +119,13 @@ def test_methods_and_overrides_map_onto_the_learner_config():
                               '--g-prompt-layers', 'none', '--e-prompt-layers', '5,6,7',
                               '--cbp-replacement-rate', '0.01'])
     cfg = learner_config(args, 'dualprompt', 3, 64)
-    # The published DualPrompt: key selection on the pre-logits query, one head over all
-    # classes, no block, no replay, G-prompt trained on every task.
-    assert {k: getattr(cfg, k) for k in PUBLISHED_DUALPROMPT} == PUBLISHED_DUALPROMPT
-    assert (cfg.prompt_selection, cfg.prediction, cfg.query_layers) == ('key', 'all', [-1])
+    # DualPrompt = the paper recipe with CBP off: key selection, one head over all classes,
+    # no replay, G-prompt trained on every task, the block trained without replacement.
+    assert cfg.recipe == 'paper' and cfg.cbp_enabled is False
+    assert {k: getattr(cfg, k) for k in RECIPES['paper']} == RECIPES['paper']
+    assert (cfg.prompt_selection, cfg.prediction, cfg.train_cbp_block) == ('key', 'all', True)
+    paper = learner_config(args, 'cbpnet-paper', 3, 64)
+    assert paper == cfg.replace(cbp_enabled=True)
     assert cfg.seed == 3 and cfg.image_size == 64
     assert cfg.g_prompt_layers == [-1] and cfg.e_prompt_layers == [5, 6, 7]
     assert cfg.cbp_replacement_rate == 0.01
@@ -241,6 +245,10 @@ def test_baseline_features_are_the_learners_query_and_the_count_drops_the_classi
     (['--dataset', 'digits', '--tasks', '11', '--image-size', '32'],
      '--tasks 11 is more than the 10 classes'),
     (['--compare', '/nonexistent/a.json'], 'cannot read result file'),
+    (['--dataset', 'digits', '--tasks', '5', '--method', 'cbpnet-paper', '--prediction',
+      'stats'], 'cbpnet-paper fixes prediction=all'),
+    (['--dataset', 'digits', '--tasks', '5', '--method', 'dualprompt', '--cbp', 'on'],
+     'dualprompt fixes cbp_enabled=False'),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -431,3 +439,41 @@ def test_resume_keeps_finished_runs_and_reruns_the_rest(folder, tmp_path, monkey
     calls.clear()
     assert main(argv[:-2] + ['--lda-shrinkage', '0.3', '--out', str(out), '--resume']) == 0
     assert calls == ['lda', 'ncm', 'lda', 'ncm']
+
+
+def test_paper_recipe_reports_task_selection_and_converged_keys(folder, tmp_path):
+    """Four colours in two tasks: the paper recipe's keys converge to their optimum and pick
+    each frame's own task; keys left at their random start (no key steps) do not."""
+    def run(extra):
+        out = tmp_path / f'paper{len(extra)}.json'
+        assert main(['--dataset', f'folder:{folder}', '--tasks', '2', '--method',
+                     'cbpnet-paper', '--image-size', '32', '--epochs', '1', '--min-steps', '0',
+                     '--device', 'cpu', '--quiet', '--out', str(out)] + extra) == 0
+        return json.loads(out.read_text())
+    res = run([])
+    assert res['method'] == 'cbpnet-paper' and res['config']['recipe'] == 'paper'
+    assert len(res['task_selection_accuracy']) == 2 and len(res['key_query_cosine']) == 2
+    assert [len(row) for row in res['task_selection_matrix']] == [1, 2]
+    for cosine, best in res['key_query_cosine']:
+        assert best - 0.01 <= cosine <= best + 1e-6
+    assert min(res['task_selection_accuracy']) >= 0.9
+    assert res['mean_task_selection_accuracy'] == pytest.approx(
+        np.mean(res['task_selection_accuracy']))
+    untrained = run(['--key-steps', '0'])
+    assert all(cosine < best - 0.2 for cosine, best in untrained['key_query_cosine'])
+
+
+def test_plasticity_protocol_runs_the_learned_parts_alone(folder, tmp_path):
+    out, plot = tmp_path / 'plast.json', tmp_path / 'plast.png'
+    assert main(['--dataset', f'folder:{folder}', '--protocol', 'plasticity',
+                 '--lifetime-tasks', '4', '--lifetime-train-per-class', '6',
+                 '--lifetime-test-per-class', '4', '--method', 'cbpnet,cbpnet-nocbp',
+                 '--plasticity-prompts', 'true', '--epochs', '2', '--image-size', '32',
+                 '--device', 'cpu', '--quiet', '--out', str(out), '--plot', str(plot)]) == 0
+    on, off = json.loads(out.read_text())['runs']
+    assert (on['cbp_enabled'], off['cbp_enabled']) == (True, False)
+    assert on['protocol'] == 'plasticity' and on['prompts'] is True and len(on['lifetime']) == 4
+    for row in on['lifetime']:
+        assert 0.0 <= row['dormant_fraction_zero'] <= 1.0 and row['weight_magnitude'] > 0
+    assert on['trainable_params'] > 2 * 64 * 1280  # the block and the prompts
+    assert plot.read_bytes().startswith(PNG_MAGIC)

@@ -5,9 +5,11 @@ backbone, seeds and splits):
 
 - ``cbpnet``: the learner with its defaults (:class:`~ros2_cbpnet.learner.LearnerConfig`);
 - ``cbpnet-nocbp``: the same with ``cbp_enabled=False`` (block kept, never re-initialised);
-- ``dualprompt``: the published DualPrompt recipe (Wang et al., ECCV 2022) in this code base:
-  key-query prompt selection on the pre-logits query, one softmax head over all classes, the
-  G-prompt trained on every task, no CBP block, no feature replay, no statistics;
+- ``cbpnet-paper``: the published CBPNet, ``recipe='paper'`` (DualPrompt prompts with
+  key-query selection, the CBP block, one softmax head over all classes, the G-prompt trained
+  on every task, no replay, nothing of the class statistics in the prediction);
+- ``dualprompt``: the same recipe with CBP off (``cbp_enabled=False``): the paper's own
+  DualPrompt baseline, in the same pipeline;
 - ``joint``: the ``cbpnet`` configuration trained on all classes seen so far at once, after
   every task (not continual: the upper bound of the same architecture).
 
@@ -25,21 +27,22 @@ import torch
 
 from ..baselines import BASELINES, FrozenFeatureBaseline
 from ..learner import ContinualLearner, LearnerConfig
+from ..learner_config import RECIPES
 from ..model.backbones import Backbone
 
-__all__ = ['BASELINE_METHODS', 'LEARNER_METHODS', 'METHODS', 'Model', 'PUBLISHED_DUALPROMPT',
+__all__ = ['BASELINE_METHODS', 'LEARNER_METHODS', 'METHODS', 'METHOD_RECIPES', 'Model',
            'learner_config', 'make_model']
 
-LEARNER_METHODS = ('cbpnet', 'cbpnet-nocbp', 'dualprompt', 'joint')
+LEARNER_METHODS = ('cbpnet', 'cbpnet-nocbp', 'cbpnet-paper', 'dualprompt', 'joint')
 BASELINE_METHODS = ('lda', 'ranpac', 'ncm', 'linear')
 METHODS = LEARNER_METHODS + BASELINE_METHODS
 
-#: LearnerConfig fields of the published DualPrompt recipe (``query_layers=[-1]``: the
-#: pre-logits feature, whatever the backbone).
-PUBLISHED_DUALPROMPT: Dict[str, Any] = {
-    'prompt_selection': 'key', 'prediction': 'all', 'feature_replay_coeff': 0.0,
-    'g_prompt_first_task_only': False, 'train_cbp_block': False, 'cbp_enabled': False,
-    'min_steps': 0, 'query_layers': [-1],
+#: LearnerConfig fields each learner method sets before the command line's options.
+METHOD_RECIPES: Dict[str, Dict[str, Any]] = {
+    'cbpnet': {}, 'joint': {},
+    'cbpnet-nocbp': {'cbp_enabled': False},
+    'cbpnet-paper': {'recipe': 'paper', 'cbp_enabled': True},
+    'dualprompt': {'recipe': 'paper', 'cbp_enabled': False},
 }
 
 Model = Union[ContinualLearner, FrozenFeatureBaseline]
@@ -54,19 +57,24 @@ _OVERRIDES = {
     'cbp_replacement_rate': 'cbp_replacement_rate',
     'cbp_maturity_threshold': 'cbp_maturity_threshold', 'cbp_decay_rate': 'cbp_decay_rate',
     'epochs': 'epochs', 'batch_size': 'batch_size', 'lr': 'learning_rate',
-    'unknown_threshold': 'unknown_threshold',
+    'unknown_threshold': 'unknown_threshold', 'key_steps': 'key_steps',
+    'pull_constraint_coeff': 'pull_constraint_coeff', 'lda_spread': 'lda_spread',
 }
 
 
 def learner_config(args: argparse.Namespace, method: str, seed: int,
                    image_size: int) -> LearnerConfig:
     """The :class:`LearnerConfig` of one run: defaults, the method's recipe, then every
-    option given on the command line (explicit options win over the recipe)."""
-    changes: Dict[str, Any] = {}
-    if method == 'cbpnet-nocbp':
-        changes['cbp_enabled'] = False
-    elif method == 'dualprompt':
-        changes.update(PUBLISHED_DUALPROMPT)
+    option given on the command line (explicit options win over the method's settings).
+
+    Raises:
+        ValueError: an option sets a field that the method's recipe fixes (``cbpnet-paper``
+            and ``dualprompt`` fix those of ``RECIPES['paper']`` and CBP on/off).
+    """
+    changes: Dict[str, Any] = dict(METHOD_RECIPES.get(method, {}))
+    fixed = dict(RECIPES[changes.get('recipe', 'custom')])
+    if method in ('cbpnet-nocbp', 'cbpnet-paper', 'dualprompt'):
+        fixed['cbp_enabled'] = changes['cbp_enabled']
     for dest, name in _OVERRIDES.items():
         value = getattr(args, dest, None)
         if value is not None:
@@ -75,8 +83,12 @@ def learner_config(args: argparse.Namespace, method: str, seed: int,
         changes['g_prompt_first_task_only'] = args.g_prompt_training == 'first-task'
     if getattr(args, 'train_cbp_block', None) is not None:
         changes['train_cbp_block'] = args.train_cbp_block
-    if getattr(args, 'cbp', None) is not None and method != 'cbpnet-nocbp':
+    if getattr(args, 'cbp', None) is not None:
         changes['cbp_enabled'] = args.cbp
+    clash = sorted(k for k, v in fixed.items() if k in changes and changes[k] != v)
+    if clash:
+        raise ValueError(f'{method} fixes {", ".join(f"{k}={fixed[k]}" for k in clash)}; '
+                         'drop the option or use --method cbpnet')
     if changes.get('e_prompt_layers') == [-1]:
         raise ValueError('--e-prompt-layers cannot be none: every task has an E-prompt')
     changes.update(backbone=args.backbone, backbone_checkpoint=args.backbone_checkpoint,

@@ -17,7 +17,7 @@ the robot-lifetime plasticity stream (no ROS).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ from ..metrics import effective_rank, summarize
 from ..model.backbones import Backbone
 from .eval_methods import Model, make_model, model_config
 
-__all__ = ['auroc', 'run_incremental', 'run_lifetime', 'validation_split']
+__all__ = ['auroc', 'last_tasks_summary', 'run_incremental', 'run_lifetime', 'score',
+           'thin_classes', 'validation_split']
 
 
 def validation_split(data: ImageDataset, fraction: float, seed: int) -> ImageDataset:
@@ -49,6 +50,20 @@ def validation_split(data: ImageDataset, fraction: float, seed: int) -> ImageDat
     return ImageDataset(f'{data.name}[validation]', list(data.classes),
                         data.train_images[~val], data.train_labels[~val],
                         data.train_images[val], data.train_labels[val])
+
+
+def thin_classes(data: ImageDataset, ratio: int, seed: int) -> ImageDataset:
+    """A copy of ``data`` whose odd-numbered classes keep a random ``1/ratio`` of their
+    training images (at least 2), so taught classes differ ``ratio``-fold in count; test
+    images are untouched."""
+    rng = np.random.default_rng([seed, 17])
+    keep = np.ones(len(data.train_labels), dtype=bool)
+    for c in np.unique(data.train_labels):
+        if c % 2:
+            idx = rng.permutation(np.flatnonzero(data.train_labels == c))
+            keep[idx[max(2, len(idx) // ratio):]] = False
+    return ImageDataset(data.name, list(data.classes), data.train_images[keep],
+                        data.train_labels[keep], data.test_images, data.test_labels)
 
 
 def auroc(negatives: Sequence[float], positives: Sequence[float]) -> float:
@@ -122,7 +137,9 @@ def run_incremental(method: str, data: ImageDataset, tasks: Sequence[Sequence[in
     bar = _bar(0, f'{method} seed {config.seed}', progress)
     report = _reporter(bar, len(tasks))
     acc: List[List[float]] = []
+    selection: List[List[float]] = []
     replaced: List[int] = []
+    keys: List[Optional[List[float]]] = []
     train_seconds = 0.0
     model: Model = make_model(method, config, backbone, args=args)
     try:
@@ -136,8 +153,12 @@ def run_incremental(method: str, data: ImageDataset, tasks: Sequence[Sequence[in
             result = model.learn_task(list(x), [names[k] for k in y], progress=report)
             train_seconds += time.perf_counter() - started
             replaced.append(int(result.replaced_units))
-            acc.append([float(model.evaluate(list(xt), [names[k] for k in yt]))
-                        for xt, yt in test[:i + 1]])
+            keys.append(None if result.key_query_cosine is None else
+                        [result.key_query_cosine, result.key_query_cosine_max])
+            scored = [score(model, list(xt), [names[k] for k in yt], j)
+                      for j, (xt, yt) in enumerate(test[:i + 1])]
+            acc.append([a for a, _ in scored])
+            selection.append([s for _, s in scored])
     finally:
         if bar is not None:
             bar.close()
@@ -149,15 +170,42 @@ def run_incremental(method: str, data: ImageDataset, tasks: Sequence[Sequence[in
         'acc_matrix': acc, **summarize(acc), 'train_seconds': round(train_seconds, 3),
         'replaced_units': int(sum(replaced)), 'replaced_units_per_task': replaced,
         'task_learning_accuracy': [row[i] for i, row in enumerate(acc)],
+        # Fraction of each task's test frames whose selected task (E-prompt, or the task of
+        # the predicted class where no prompt is selected) is their own, after the last task.
+        # (joint learns everything as one task: nothing to select).
+        **({} if method == 'joint' else {
+            'task_selection_accuracy': selection[-1], 'task_selection_matrix': selection,
+            'mean_task_selection_accuracy': float(np.mean(selection[-1]))}),
         'task_classes': [[names[k] for k in t] for t in tasks],
         'train_samples_per_task': [int(len(y)) for _, y in train],
         'test_samples_per_task': [int(len(y)) for _, y in test],
     })
     if isinstance(model, ContinualLearner):
         res['cbp_stats'] = model.cbp_stats()
+    if any(k is not None for k in keys):
+        # Per task: [mean key-query cosine after training, the most any key reaches].
+        res['key_query_cosine'] = keys
     if unknown:
         res.update(_open_world(model, data, tasks, unknown, config, backbone))
     return res
+
+
+def score(model: Model, images: Sequence[np.ndarray], labels: Sequence[str], task_id: int,
+          batch_size: int = 128) -> Tuple[float, float]:
+    """(accuracy over all classes seen so far, task-selection accuracy) of ``model`` on the
+    test frames of task ``task_id`` (labels as class names).
+
+    A frame counts as correct when the best taught class is its label (a frame called
+    unknown is scored by that class, so open-world rejection does not change accuracy).
+    """
+    if not len(images):
+        return float('nan'), float('nan')
+    correct = selected = 0
+    for start in range(0, len(images), batch_size):
+        preds = model.predict(images[start:start + batch_size], top_k=1)
+        correct += sum(p.topk[0][0] == y for p, y in zip(preds, labels[start:start + batch_size]))
+        selected += sum(p.task_id == task_id for p in preds)
+    return correct / len(images), selected / len(images)
 
 
 def _open_world(model: Model, data: ImageDataset, tasks: Sequence[Sequence[int]],
@@ -261,8 +309,18 @@ def run_lifetime(method: str, data: ImageDataset, config: LearnerConfig, backbon
         'train_seconds': round(train_seconds, 3),
         'replaced_units': int(sum(r['replaced_units'] for r in rows)),
         'train_per_class': train_per_class, 'test_per_class': test_per_class,
+        **last_tasks_summary(rows),
     })
     return res
+
+
+def last_tasks_summary(rows: Sequence[Dict[str, Any]], count: int = 10) -> Dict[str, float]:
+    """``last10_<key>``: the mean over the last ``count`` tasks of each block-health figure
+    the rows carry (dormant fractions, effective rank)."""
+    tail = rows[-count:]
+    return {f'last10_{key}': float(np.mean([r[key] for r in tail]))
+            for key in ('dormant_fraction', 'dormant_fraction_zero', 'effective_rank')
+            if tail and all(key in r for r in tail)}
 
 
 def _pick(images: np.ndarray, labels: np.ndarray, classes: Sequence[int], per_class: int,

@@ -15,6 +15,11 @@ Protocols (``--protocol``):
   labels new to the learner, as Dohare et al. (Nature 2024) build Continual ImageNet; per
   task the learning accuracy (among the task's two classes, right after learning it), the
   CBP block's dormant fraction and the effective rank of its hidden units.
+- ``plasticity``: the learned parts alone (CBP block, and with ``--plasticity-prompts`` the
+  prompts), trained continually over ``--lifetime-tasks`` (default 200) pairs of classes with
+  a fresh head per task, as Dohare et al. build Continual ImageNet; ``--plasticity-path
+  no-skip`` is the control in which the head reads only the block's hidden units (see
+  :mod:`ros2_cbpnet.tools.eval_plasticity`). ``cbpnet`` = CBP on, ``cbpnet-nocbp`` = off.
 
 Methods: see :mod:`ros2_cbpnet.tools.eval_methods` (``cbpnet``, ``cbpnet-nocbp``,
 ``dualprompt``, ``joint``, ``lda``, ``ranpac``, ``ncm``, ``linear``). Every option that maps
@@ -48,7 +53,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -62,8 +66,11 @@ from ..learner import LearnerConfig, LearningError
 from ..metrics import format_matrix
 from ..model.backbones import EMBEDDED_BACKBONE, BackboneLoadError, load_backbone
 from ..model.cbpnet import PREDICTION_MODES, SELECTION_MODES
+from ..model.statistics import SPREADS
+from .cli_types import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from .eval_methods import LEARNER_METHODS, METHODS, learner_config
-from .eval_protocols import run_incremental, run_lifetime, validation_split
+from .eval_plasticity import PATHS, run_plasticity_method
+from .eval_protocols import run_incremental, run_lifetime, thin_classes, validation_split
 
 __all__ = [
     'INTERFACE_KEYS', 'METHODS', 'METRICS', 'build_parser', 'code_fingerprint',
@@ -73,10 +80,12 @@ __all__ = [
 
 PROG = 'cbpnet-eval'
 METRICS = ('average_accuracy', 'forgetting', 'learning_accuracy')
-#: Extra metrics summarised when present (open world, lifetime).
+#: Extra metrics summarised when present (open world, lifetime, plasticity).
 EXTRA_METRICS = ('unknown_auroc', 'known_rejected_rate', 'unknown_rejected_rate',
                  'mahalanobis_auroc', 'mahalanobis_query_auroc', 'first10_learning_accuracy',
-                 'last10_learning_accuracy')
+                 'last10_learning_accuracy', 'last10_dormant_fraction',
+                 'last10_dormant_fraction_zero', 'last10_effective_rank',
+                 'mean_task_selection_accuracy')
 #: The keys interface.md promises in every incremental result object.
 INTERFACE_KEYS = ('method', 'dataset', 'backbone', 'tasks', 'classes_per_task', 'acc_matrix',
                   'average_accuracy', 'forgetting', 'learning_accuracy', 'trainable_params',
@@ -85,56 +94,6 @@ _BUILTIN_IMAGE_SIZE = {'digits': 64, 'fashion-mnist': 64}
 
 
 # ------------------------------------------------------------------------ arguments
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}') from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}')
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text!r}') from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text!r}')
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number in [0, 1], got {text!r}') from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f'expected a number in [0, 1], got {text!r}')
-    return value
-
-
 def _method_list(text: str) -> List[str]:
     methods: List[str] = []
     for name in (s.strip().lower() for s in text.split(',')):
@@ -206,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         '--seeds 0,1,2 --out results/digits.json --plot results/digits.png')
     g = p.add_argument_group('experiment')
     g.add_argument('--dataset', help="'digits', 'fashion-mnist' or 'folder:PATH'")
-    g.add_argument('--protocol', choices=('incremental', 'lifetime'), default='incremental',
-                   help='incremental (default) or lifetime (a long stream of class pairs)')
-    g.add_argument('--tasks', type=_positive_int,
+    g.add_argument('--protocol', choices=('incremental', 'lifetime', 'plasticity'),
+                   default='incremental',
+                   help='incremental (default); lifetime (a long stream of class pairs through '
+                   'the learner); plasticity (the learned parts alone, a fresh head per task)')
+    g.add_argument('--tasks', type=positive_int,
                    help='number of tasks of the incremental protocol (<= classes taught)')
     g.add_argument('--method', type=_method_list, default=['cbpnet'],
                    help=f'one or several comma-separated of {",".join(METHODS)} '
@@ -217,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f'timm model name (default {EMBEDDED_BACKBONE}, weights embedded)')
     g.add_argument('--backbone-checkpoint', default='',
                    help="weights file, or 'random' for random weights (tests only)")
-    g.add_argument('--image-size', type=_non_negative_int, default=0,
+    g.add_argument('--image-size', type=non_negative_int, default=0,
                    help='input side in pixels; 0 = 64 for digits and fashion-mnist, the '
                    "backbone's default for folder data")
     seeds = g.add_mutually_exclusive_group()
@@ -228,39 +189,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help='evaluate on the test images (default), or on a validation set carved '
                    'from the training images (the test images are then never loaded into a '
                    'model); every sweep uses validation')
-    g.add_argument('--validation-fraction', type=_fraction, default=0.2,
+    g.add_argument('--validation-fraction', type=fraction, default=0.2,
                    help='share of each class\'s training images held out by --split '
                    'validation (default 0.2)')
-    g.add_argument('--train-per-class', type=_positive_int, default=None,
+    g.add_argument('--train-per-class', type=positive_int, default=None,
                    help='keep at most N random training images per class (few-shot: 5, 10, 20)')
-    g.add_argument('--test-per-class', type=_positive_int, default=None,
+    g.add_argument('--test-per-class', type=positive_int, default=None,
                    help='keep at most N random test images per class')
-    g.add_argument('--unknown-classes', type=_non_negative_int, default=0,
+    g.add_argument('--count-ratio', type=positive_int, default=1,
+                   help='keep 1/R of the training images of every other class (odd class '
+                   'ids), so class counts differ R-fold (default 1: as loaded)')
+    g.add_argument('--unknown-classes', type=non_negative_int, default=0,
                    help='hold the last K classes out of training and score the novelty of '
                    'their test frames against the taught ones')
-    g.add_argument('--lifetime-tasks', type=_positive_int, default=50,
-                   help='tasks of the lifetime protocol (default 50)')
-    g.add_argument('--lifetime-train-per-class', type=_positive_int, default=30,
-                   help='training images per class and task in the lifetime protocol')
-    g.add_argument('--lifetime-test-per-class', type=_positive_int, default=50,
+    g.add_argument('--lifetime-tasks', type=positive_int, default=None,
+                   help='tasks of the lifetime / plasticity protocols (default 50 / 200)')
+    g.add_argument('--lifetime-train-per-class', type=positive_int, default=None,
+                   help='training images per class and task in the lifetime / plasticity '
+                   'protocols (default 30 / 100)')
+    g.add_argument('--lifetime-test-per-class', type=positive_int, default=50,
                    help='test images per class and task in the lifetime protocol')
+    g.add_argument('--plasticity-path', choices=PATHS, default='residual',
+                   help="plasticity protocol: the head reads the CBP block's output "
+                   "(residual, as the node) or its hidden units only (no-skip, the control)")
+    g.add_argument('--plasticity-prompts', type=_bool, default=False,
+                   help='plasticity protocol: train the G-prompt and E-prompt chain too '
+                   '(each step then runs the backbone from the first prompted layer)')
     g.add_argument('--device', default='auto', help='auto, cpu or cuda[:N] (default auto)')
-    g.add_argument('--threads', type=_non_negative_int, default=0,
+    g.add_argument('--threads', type=non_negative_int, default=0,
                    help='torch CPU threads (0 = torch default)')
 
     t = p.add_argument_group('learner (each overrides the LearnerConfig default and the '
                              "method's recipe)")
-    t.add_argument('--epochs', type=_positive_int, default=None,
+    t.add_argument('--epochs', type=positive_int, default=None,
                    help=f'epochs per task (default {d.epochs})')
-    t.add_argument('--min-steps', type=_non_negative_int, default=None,
+    t.add_argument('--min-steps', type=non_negative_int, default=None,
                    help=f'optimiser steps per task at least (default {d.min_steps})')
-    t.add_argument('--batch-size', type=_positive_int, default=None,
+    t.add_argument('--batch-size', type=positive_int, default=None,
                    help=f'default {d.batch_size}')
-    t.add_argument('--lr', type=_positive_float, default=None,
+    t.add_argument('--lr', type=positive_float, default=None,
                    help=f'Adam learning rate (default {d.learning_rate})')
     t.add_argument('--prediction', choices=PREDICTION_MODES, default=None,
                    help=f'stats, task or all (default {d.prediction})')
-    t.add_argument('--head-weight', type=_non_negative_float, default=None,
+    t.add_argument('--head-weight', type=non_negative_float, default=None,
                    help=f'weight of the prompted head in task prediction '
                    f'(default {d.head_weight})')
     t.add_argument('--prompt-selection', choices=SELECTION_MODES, default=None,
@@ -268,10 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--query-layers', type=_query_layers, default=None,
                    help="layers of the frozen query, e.g. 3,4,5,6,7, or 'prelogits' "
                    '(default: the family default)')
-    t.add_argument('--lda-shrinkage', type=_fraction, default=None,
+    t.add_argument('--lda-shrinkage', type=fraction, default=None,
                    help=f'LDA covariance shrinkage (default {d.lda_shrinkage}); also the '
                    'lda baseline\'s')
-    t.add_argument('--feature-replay-coeff', type=_non_negative_float, default=None,
+    t.add_argument('--lda-spread', choices=SPREADS, default=None,
+                   help=f"how a class's sample count enters its LDA score (default "
+                   f"{d.lda_spread})")
+    t.add_argument('--feature-replay-coeff', type=non_negative_float, default=None,
                    help='weight of the replay of earlier classes\' features (0 = off)')
     t.add_argument('--g-prompt-training', choices=('first-task', 'every-task'), default=None,
                    help='G-prompt training')
@@ -282,12 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--train-cbp-block', type=_bool, default=None,
                    help='train the CBP block (false: it stays the identity)')
     t.add_argument('--cbp', type=_bool, default=None,
-                   help='continual backpropagation on or off (cbpnet-nocbp: always off)')
-    t.add_argument('--cbp-hidden-units', type=_positive_int, default=None,
+                   help='continual backpropagation on or off (fixed by cbpnet-nocbp, '
+                   'cbpnet-paper and dualprompt)')
+    t.add_argument('--key-steps', type=non_negative_int, default=None,
+                   help=f'Adam steps of the pull constraint per E-prompt key at least '
+                   f'(default {d.key_steps})')
+    t.add_argument('--pull-constraint-coeff', type=non_negative_float, default=None,
+                   help=f'weight of the key pull constraint (default '
+                   f'{d.pull_constraint_coeff})')
+    t.add_argument('--cbp-hidden-units', type=positive_int, default=None,
                    help=f'CBP block width (default {d.cbp_hidden_units})')
-    t.add_argument('--cbp-replacement-rate', type=_fraction, default=None,
+    t.add_argument('--cbp-replacement-rate', type=fraction, default=None,
                    help=f'default {d.cbp_replacement_rate}')
-    t.add_argument('--cbp-maturity-threshold', type=_non_negative_int, default=None,
+    t.add_argument('--cbp-maturity-threshold', type=non_negative_int, default=None,
                    help=f'default {d.cbp_maturity_threshold}')
     t.add_argument('--cbp-decay-rate', type=float, default=None,
                    help=f'utility decay in (0, 1) (default {d.cbp_decay_rate})')
@@ -301,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('--ncm-metric', choices=NCM_METRICS, default='cosine',
                    help='distance of the ncm baseline (default cosine)')
     # Defaults chosen on validation splits of digits and Fashion-MNIST (scripts/sweep.py).
-    b.add_argument('--ranpac-dim', type=_positive_int, default=5000,
+    b.add_argument('--ranpac-dim', type=positive_int, default=5000,
                    help='random projection size of the ranpac baseline (default 5000)')
-    b.add_argument('--ranpac-ridge', type=_positive_float, default=0.1,
+    b.add_argument('--ranpac-ridge', type=positive_float, default=0.1,
                    help='ridge of the ranpac baseline, relative to the mean Gram diagonal '
                    '(default 0.1)')
 
@@ -407,7 +388,7 @@ def summarize_runs(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
             entry['lifetime'] = {key: [float(np.mean([r['lifetime'][i][key] for r in rs]))
                                        for i in range(n)]
                                  for key in ('learning_accuracy', 'dormant_fraction',
-                                             'effective_rank')
+                                             'dormant_fraction_zero', 'effective_rank')
                                  if all(key in r['lifetime'][0] for r in rs)}
         entry['trainable_params'] = rs[0].get('trainable_params')
         entry['backbone_params'] = rs[0].get('backbone_params')
@@ -428,16 +409,21 @@ def format_summary(summary: Dict[str, Dict[str, Any]]) -> str:
     """A markdown table: one row per method, metrics in percent (mean ± std over seeds)."""
     if all('lifetime' in e for e in summary.values()):
         lines = ['| method | runs | learning acc % (all tasks) | first 10 tasks % | '
-                 'last 10 tasks % | replaced | train s |', '|---|---|---|---|---|---|---|']
+                 'last 10 tasks % | dormant, last 10 (zero on >= 99 % / utility) | '
+                 'effective rank, last 10 | replaced | train s |',
+                 '|---|---|---|---|---|---|---|---|---|']
         for key, e in summary.items():
             lines.append(
                 f'| {key} | {e["runs"]} | {_pm(e, "learning_accuracy")} | '
                 f'{_pm(e, "first10_learning_accuracy")} | {_pm(e, "last10_learning_accuracy")}'
-                f' | {_pm(e, "replaced_units", 1, 0)} | {_pm(e, "train_seconds", 1, 1)} |')
+                f' | {_pm(e, "last10_dormant_fraction_zero", 1, 2)} / '
+                f'{_pm(e, "last10_dormant_fraction", 1, 2)} | '
+                f'{_pm(e, "last10_effective_rank", 1, 2)} | {_pm(e, "replaced_units", 1, 0)} | '
+                f'{_pm(e, "train_seconds", 1, 1)} |')
         return '\n'.join(lines)
     lines = ['| method | runs | avg acc % | forgetting % | learning acc % | '
-             'last-2 learning acc % | replaced | train s | trainable params |',
-             '|---|---|---|---|---|---|---|---|---|']
+             'last-2 learning acc % | task selection % | replaced | train s | '
+             'trainable params |', '|---|---|---|---|---|---|---|---|---|---|']
     for key, e in summary.items():
         last2 = '-'
         tla = e.get('task_learning_accuracy')
@@ -445,7 +431,8 @@ def format_summary(summary: Dict[str, Dict[str, Any]]) -> str:
             last2 = ' / '.join(f'{100 * s["mean"]:.1f}' for s in tla[-2:])
         lines.append(
             f'| {key} | {e["runs"]} | {_pm(e, "average_accuracy")} | {_pm(e, "forgetting")} '
-            f'| {_pm(e, "learning_accuracy")} | {last2} | {_pm(e, "replaced_units", 1, 0)} '
+            f'| {_pm(e, "learning_accuracy")} | {last2} | '
+            f'{_pm(e, "mean_task_selection_accuracy")} | {_pm(e, "replaced_units", 1, 0)} '
             f'| {_pm(e, "train_seconds", 1, 1)} | {e.get("trainable_params")} |')
     if any('unknown_auroc' in e or 'mahalanobis_auroc' in e for e in summary.values()):
         lines += ['', '| method | novelty AUROC | Mahalanobis AUROC, pre-logits / same query '
@@ -460,9 +447,9 @@ def format_summary(summary: Dict[str, Dict[str, Any]]) -> str:
 
 
 def _run_report(res: Dict[str, Any]) -> str:
-    if res.get('protocol') == 'lifetime':
+    if res.get('protocol') in ('lifetime', 'plasticity'):
         return (f'== {res["label"]} | {res["dataset"]} ({res.get("split", "test")}) | seed '
-                f'{res["seed"]} | lifetime of {res["tasks"]} tasks ==\n'
+                f'{res["seed"]} | {res["protocol"]} stream of {res["tasks"]} tasks ==\n'
                 f'learning accuracy {100 * res["learning_accuracy"]:.1f}% (first 10 tasks '
                 f'{100 * res["first10_learning_accuracy"]:.1f}%, last 10 '
                 f'{100 * res["last10_learning_accuracy"]:.1f}%), replaced units '
@@ -550,6 +537,8 @@ def _load(spec: str, seed: int, args: argparse.Namespace, image_size: int) -> Im
                         test_per_class=args.test_per_class, image_size=image_size)
     if args.split == 'validation':
         data = validation_split(data, args.validation_fraction, seed)
+    if args.count_ratio > 1:
+        data = thin_classes(data, args.count_ratio, seed)
     return data
 
 
@@ -631,7 +620,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif num_classes < 2:
         parser.error('the lifetime protocol needs at least 2 classes')
 
+    if args.protocol != 'incremental':
+        plasticity = args.protocol == 'plasticity'
+        args.lifetime_tasks = args.lifetime_tasks or (200 if plasticity else 50)
+        args.lifetime_train_per_class = args.lifetime_train_per_class or (
+            100 if plasticity else 30)
     runs: List[Dict[str, Any]] = []
+    frozen: Dict[Any, Any] = {}  # the plasticity protocol's frozen inputs, per seed
     earlier = _earlier_runs(args) if args.resume else {}
     for seed in seeds:
         kept = [earlier.get((method, seed)) for method in args.method]
@@ -645,13 +640,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except DatasetError as exc:
                 parser.error(str(exc))
         data = datasets.pop(seed)
+        frozen.clear()
         for method, done in zip(args.method, kept):
             if done:
                 runs.append(done)
                 continue
             config = learner_config(args, method, seed, image_size)
             try:
-                if args.protocol == 'lifetime':
+                if args.protocol == 'plasticity':
+                    res = run_plasticity_method(method, data, config, backbone, args=args,
+                                                cache=frozen, dataset=args.dataset,
+                                                progress=not args.quiet)
+                elif args.protocol == 'lifetime':
                     res = run_lifetime(
                         method, data, config, backbone, dataset=args.dataset, split=args.split,
                         num_tasks=args.lifetime_tasks,
