@@ -119,7 +119,8 @@ def plot_lifetime(curves: dict[str, dict[str, Sequence[float]]], path: str,
 
     Args:
         curves: label -> ``{'learning_accuracy': [...], 'dormant_fraction': [...],
-            'effective_rank': [...]}`` (the last two optional), one value per task.
+            'dormant_fraction_zero': [...], 'effective_rank': [...]}`` (all but the first
+            optional), one value per task.
         path: output PNG path; missing parent folders are created.
         title: figure title.
         window: tasks in the moving average drawn over the learning accuracy.
@@ -132,10 +133,12 @@ def plot_lifetime(curves: dict[str, dict[str, Sequence[float]]], path: str,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = ['learning_accuracy'] + [k for k in ('dormant_fraction', 'effective_rank')
+    panels = ['learning_accuracy'] + [k for k in ('dormant_fraction_zero', 'dormant_fraction',
+                                                  'effective_rank')
                                       if any(k in c for c in curves.values())]
     names = {'learning_accuracy': 'learning accuracy (%)',
-             'dormant_fraction': 'dormant units (fraction)',
+             'dormant_fraction_zero': 'dormant units (zero on >= 99% of inputs)',
+             'dormant_fraction': 'dormant units (utility <= 1% of mean)',
              'effective_rank': 'effective rank of hidden units'}
     fig = Figure(figsize=(4.2 * len(panels), 3.5), dpi=100)
     FigureCanvasAgg(fig)

@@ -74,12 +74,18 @@ class CBPBlock(nn.Module):
         self.register_buffer('replacements_total', torch.zeros((), dtype=torch.long))
         self._activation: Optional[torch.Tensor] = None
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Apply the residual block; in training mode remember the hidden activations."""
+    def forward(self, z: torch.Tensor, residual: bool = True) -> torch.Tensor:
+        """Apply the block; in training mode remember the hidden activations.
+
+        ``residual=False`` drops the skip connection (``W2 relu(W1 z + b1) + b2`` alone), so
+        every bit of the output passes the hidden units, as in a plain hidden layer (the
+        plasticity protocol's control: there dormant units cost capacity).
+        """
         a = torch.relu(self.fc1(z))
         if self.training:
             self._activation = a.detach()
-        return z + self.fc2(a)
+        out = self.fc2(a)
+        return z + out if residual else out
 
     def _bias_correction(self) -> torch.Tensor:
         corr = 1.0 - torch.pow(torch.tensor(self.decay_rate, dtype=torch.float64),
