@@ -138,7 +138,8 @@ def precision_of(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     classes = torch.unique(y)
     stats.grow(int(classes.max()) + 1)
     stats.add(y, q)
-    return stats.lda(torch.ones(stats.num_classes, dtype=torch.bool))['precision'].float()
+    chol = stats.lda(torch.ones(stats.num_classes, dtype=torch.bool))['chol']
+    return torch.cholesky_inverse(chol.double()).float()
 
 
 def train_prompts(feats: Features, idx: torch.Tensor, y: torch.Tensor, loss_kind: str,

@@ -205,15 +205,18 @@ class CBPNet(nn.Module):
 
     # ------------------------------------------------------------ prediction
     @torch.no_grad()
-    def class_log_posterior(self, queries: torch.Tensor) -> torch.Tensor:
-        """log p(class | query) from the statistics, as the selection mode defines it."""
+    def class_log_posterior(self, queries: torch.Tensor,
+                            dist: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log p(class | query) from the statistics, as the selection mode defines it.
+        ``dist``: the statistics' :meth:`~.statistics.ClassStatistics.distances`, when
+        already computed for these queries."""
         active = self.class_active
         if self.prompt_selection == 'class_mean':
             means = F.normalize(self.stats.query_mean.float(), dim=1)
             scores = _NCM_TEMPERATURE * (F.normalize(queries.float(), dim=1) @ means.T)
             seen = (self.stats.class_count > 0) & active
             return torch.log_softmax(scores.masked_fill(~seen, float('-inf')), dim=1)
-        log_post = self.stats.log_posterior(queries, active)
+        log_post = self.stats.log_posterior(queries, active, dist)
         if log_post is None:
             raise RuntimeError('no class statistics yet')
         return log_post
@@ -255,13 +258,12 @@ class CBPNet(nn.Module):
         else:
             queries = backbone.query(x, self.query_layers)
             trunk = None if stats_only else backbone.trunk(x, self.first_layer)
+        if stats_only:
+            return self.predict_from_queries(queries, novelty)
         log_post = None
-        if queries is not None and (stats_only or self.prompt_selection != 'key'):
+        if queries is not None and self.prompt_selection != 'key':
             log_post = self.class_log_posterior(queries)
         nov = self.stats.novelty(queries, self.class_active) if novelty else None
-        if stats_only:
-            probs = log_post.exp()
-            return probs, self.class_task[probs.argmax(1)], nov
         task_post = self._task_posterior(queries, log_post, b, x.device)
         task_ids = task_post.argmax(1)
         logits = self.head(self.cbp(self.prompted_features(backbone, trunk, task_ids))).float()
@@ -269,6 +271,19 @@ class CBPNet(nn.Module):
         if self.prediction == 'all':
             return torch.softmax(logits, dim=1), task_ids, nov
         return self._task_conditional(logits, task_ids, task_post, log_post), task_ids, nov
+
+    @torch.no_grad()
+    def predict_from_queries(self, queries: torch.Tensor, novelty: bool = True
+                             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The ``'stats'`` prediction from frozen queries computed elsewhere (e.g. by ONNX
+        Runtime): class probabilities, the task of the best class, novelty (or None)."""
+        if not self.num_tasks or not bool(self.class_active.any()):
+            raise RuntimeError('no task has been learned yet')
+        found = self.stats.distances(queries, self.class_active)
+        dist = None if found is None else found[0]
+        probs = self.class_log_posterior(queries, dist).exp()
+        nov = self.stats.novelty(queries, self.class_active, dist) if novelty else None
+        return probs, self.class_task[probs.argmax(1)], nov
 
     @torch.no_grad()
     def within_task_scores(self, backbone: Backbone, x: torch.Tensor, task_id: int

@@ -28,7 +28,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ['ClassStatistics', 'SPREADS']
+__all__ = ['ClassStatistics', 'SPREADS', 'quadratic_form']
 
 SPREADS = ('scaled', 'full', 'none')
 
@@ -133,10 +133,15 @@ class ClassStatistics(nn.Module):
     # ------------------------------------------------------------------ LDA
     @torch.no_grad()
     def lda(self, active: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
-        """Weights ``w`` (C, D), biases ``b`` (C,) and the precision matrix of the shrinkage
-        LDA over all classes (solved once per change, cached), with ``seen`` marking the
-        classes that may be predicted (``active`` and with samples). None before any sample
-        of an active class."""
+        """The shrinkage LDA over all classes (solved once per change, cached): weights ``w``
+        (C, D) = mean Sigma^-1, biases ``b`` (C,), the lower Cholesky factor ``chol`` of the
+        shrunk covariance Sigma, and of the background Gaussian (``background_mean``,
+        ``background_chol``); ``seen`` marks the classes that may be predicted (``active``
+        and with samples). None before any sample of an active class.
+
+        Quadratic forms ``r^T Sigma^-1 r`` are triangular solves with ``chol``
+        (:func:`quadratic_form`): they read half the matrix a product with the precision
+        matrix reads, and at a robot's batch sizes that memory traffic is their whole cost."""
         seen = (self.class_count > 0) & active
         if not self.num_classes or not bool(seen.any()):
             return None
@@ -147,10 +152,10 @@ class ClassStatistics(nn.Module):
         cov = self.query_scatter.double() / max(n - c, 1)
         trace = float(torch.diagonal(cov).sum()) / d
         alpha = self.shrinkage if n - c > 0 else 1.0
-        precision = _spd_inverse(_shrink_(cov, alpha, trace))
+        chol = _spd_cholesky(_shrink_(cov, alpha, trace))
         del cov
         mean = self.query_mean.double()
-        weight = mean @ precision  # (C, D): precision is symmetric
+        weight = torch.cholesky_solve(mean.T, chol).T  # (C, D) = mean Sigma^-1
         # The background Gaussian of relative Mahalanobis: every taught sample as one class,
         # its scatter = within-class + between-class scatter (exact from the statistics).
         counts = self.class_count.double()
@@ -160,20 +165,35 @@ class ClassStatistics(nn.Module):
         total = _shrink_(total, alpha, float(torch.diagonal(total).sum()) / d)
         dtype = self.query_mean.dtype
         self._lda = {'w': weight.to(dtype), 'b': (-0.5 * (weight * mean).sum(1)).to(dtype),
-                     'precision': precision.to(dtype), 'background_mean': overall.to(dtype),
-                     'background_precision': _spd_inverse(total).to(dtype)}
+                     'chol': chol.to(dtype), 'background_mean': overall.to(dtype),
+                     'background_chol': _spd_cholesky(total).to(dtype)}
         return dict(self._lda, seen=seen)
 
     @torch.no_grad()
-    def log_posterior(self, queries: torch.Tensor, active: torch.Tensor) -> Optional[torch.Tensor]:
-        """log p(class | query) under the LDA with equal priors and each class's predictive
-        spread; -inf for classes that cannot be predicted. None before any sample."""
+    def distances(self, queries: torch.Tensor, active: torch.Tensor
+                  ) -> Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+        """Squared Mahalanobis distances (B, C) of queries to every class mean (+inf for
+        classes that cannot be predicted), and the LDA they come from; None before any
+        sample. One quadratic form per query, shared by every class."""
         lda = self.lda(active)
         if lda is None:
             return None
         q = queries.to(lda['w'].dtype)
-        quad = ((q @ lda['precision']) * q).sum(1, keepdim=True)
+        quad = quadratic_form(lda['chol'], q)[:, None]
         dist = quad - 2.0 * (q @ lda['w'].T + lda['b'])
+        return dist.masked_fill(~lda['seen'], float('inf')), lda
+
+    @torch.no_grad()
+    def log_posterior(self, queries: torch.Tensor, active: torch.Tensor,
+                      dist: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """log p(class | query) under the LDA with equal priors and each class's predictive
+        spread; -inf for classes that cannot be predicted. None before any sample.
+        ``dist``: :meth:`distances` of the same queries, when already computed."""
+        if dist is None:
+            found = self.distances(queries, active)
+            if found is None:
+                return None
+            dist = found[0]
         # A new sample lies (1 + 1/n) times farther from an estimated class mean than from
         # the true one; dividing by it keeps a class taught with many views from drawing
         # the frames of classes taught with few (what refining one class would otherwise do).
@@ -187,14 +207,15 @@ class ClassStatistics(nn.Module):
             scores = -0.5 * dist / spread
             if self.spread == 'full':
                 scores = scores - 0.5 * self.query_dim * torch.log(spread)
-        scores = scores.float().masked_fill(~lda['seen'], float('-inf'))
-        return torch.log_softmax(scores, dim=1)
+        return torch.log_softmax(scores.float(), dim=1)
 
     @torch.no_grad()
-    def novelty(self, queries: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def novelty(self, queries: torch.Tensor, active: torch.Tensor,
+                dist: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Relative Mahalanobis novelty, standardised by what held-out taught samples score
-        (0: typical for a taught class; each unit one standard deviation further)."""
-        raw = self.raw_novelty(queries, active)
+        (0: typical for a taught class; each unit one standard deviation further).
+        ``dist``: :meth:`distances` of the same queries, when already computed."""
+        raw = self.raw_novelty(queries, active, dist)
         count = int(self.novelty_count)
         if count < 2:
             return raw
@@ -207,10 +228,11 @@ class ClassStatistics(nn.Module):
                               active: torch.Tensor) -> torch.Tensor:
         """Raw novelty of taught samples as if each had not been taught (call after
         :meth:`add`). NaN for a class with a single sample."""
-        lda = self.lda(active)
-        if lda is None:
+        found = self.distances(queries, active)
+        if found is None:
             return torch.full((len(class_ids),), float('nan'), device=queries.device)
-        dtype = lda['precision'].dtype
+        dist, lda = found
+        dtype = lda['chol'].dtype
         q = queries.to(dtype)
         n_total = float(self.class_count.sum())
         n_classes = float((self.class_count > 0).sum())
@@ -218,18 +240,13 @@ class ClassStatistics(nn.Module):
         n_c = self.class_count[class_ids].to(dtype)
         # Own class: the mean without the sample moves away by n/(n-1), and the shared
         # covariance loses the sample's scatter n/(n-1) r r^T (Sherman-Morrison).
-        r = q - self.query_mean[class_ids].to(dtype)
-        own = ((r @ lda['precision']) * r).sum(1)
+        own = quadratic_form(lda['chol'], q - self.query_mean[class_ids].to(dtype))
         factor = n_c / (n_c - 1).clamp_min(1.0)
         beta = (1.0 - alpha) * factor / max(n_total - n_classes, 1.0)
         own = factor ** 2 * own / (1.0 - beta * own).clamp_min(1e-3)
-        quad = ((q @ lda['precision']) * q).sum(1, keepdim=True)
-        dist = quad - 2.0 * (q @ lda['w'].T + lda['b'])
-        dist = dist.masked_fill(~lda['seen'], float('inf'))
-        dist.scatter_(1, class_ids[:, None], float('inf'))
+        dist = dist.scatter(1, class_ids[:, None], float('inf'))
         nearest = torch.minimum(own, dist.min(1).values)
-        r0 = q - lda['background_mean']
-        background = ((r0 @ lda['background_precision']) * r0).sum(1)
+        background = quadratic_form(lda['background_chol'], q - lda['background_mean'])
         f0 = n_total / max(n_total - 1.0, 1.0)
         beta0 = (1.0 - alpha) * f0 / max(n_total - 1.0, 1.0)
         background = f0 ** 2 * background / (1.0 - beta0 * background).clamp_min(1e-3)
@@ -246,30 +263,29 @@ class ClassStatistics(nn.Module):
         self.novelty_count += raw.numel()
 
     @torch.no_grad()
-    def mahalanobis(self, queries: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def mahalanobis(self, queries: torch.Tensor, active: torch.Tensor,
+                    dist: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Plain squared Mahalanobis distance to the nearest predictable class mean, per query
         dimension (the textbook novelty score; :meth:`novelty` improves on it)."""
-        lda = self.lda(active)
-        if lda is None:
-            return torch.zeros(queries.shape[0], device=queries.device)
-        q = queries.to(lda['precision'].dtype)
-        quad = ((q @ lda['precision']) * q).sum(1, keepdim=True)
-        dist = quad - 2.0 * (q @ lda['w'].T + lda['b'])
-        return dist.masked_fill(~lda['seen'], float('inf')).min(1).values.float() \
-            / self.query_dim
+        if dist is None:
+            found = self.distances(queries, active)
+            if found is None:
+                return torch.zeros(queries.shape[0], device=queries.device)
+            dist = found[0]
+        return dist.min(1).values.float() / self.query_dim
 
     @torch.no_grad()
-    def raw_novelty(self, queries: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def raw_novelty(self, queries: torch.Tensor, active: torch.Tensor,
+                    dist: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Relative Mahalanobis distance, per query dimension: the squared distance to the
         nearest predictable class mean minus that to the background Gaussian."""
         lda = self.lda(active)
         if lda is None:
             return torch.zeros(queries.shape[0], device=queries.device)
-        dist = self.mahalanobis(queries, active).to(lda['precision'].dtype) * self.query_dim
-        q = queries.to(lda['precision'].dtype)
-        centred = q - lda['background_mean']
-        background = ((centred @ lda['background_precision']) * centred).sum(1)
-        return (dist - background).float() / self.query_dim
+        nearest = self.mahalanobis(queries, active, dist) * self.query_dim
+        q = queries.to(lda['chol'].dtype)
+        background = quadratic_form(lda['background_chol'], q - lda['background_mean'])
+        return (nearest - background).float() / self.query_dim
 
     # --------------------------------------------------------------- replay
     def sample_replay(self, classes: torch.Tensor, count: int, generator: torch.Generator
@@ -290,15 +306,20 @@ def _shrink_(cov: torch.Tensor, alpha: float, mean_variance: float) -> torch.Ten
     return cov
 
 
-def _spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
-    """Inverse of a symmetric positive definite matrix through its Cholesky factor (about
-    three times faster than a general inverse). A vanishing jitter keeps an unshrunk,
-    rank-deficient covariance (fewer samples than dimensions) invertible; ``matrix`` is
-    changed in place by that jitter."""
+def _spd_cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a symmetric positive definite matrix. A vanishing jitter keeps
+    an unshrunk, rank-deficient covariance (fewer samples than dimensions) factorable;
+    ``matrix`` is changed in place by that jitter."""
     scale = float(torch.diagonal(matrix).mean().clamp_min(1e-12))
     matrix.diagonal().add_(1e-9 * scale)
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) != 0:
         matrix.diagonal().add_(1e-6 * scale)
         factor = torch.linalg.cholesky(matrix)
-    return torch.cholesky_inverse(factor)
+    return factor
+
+
+def quadratic_form(chol: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``r_i^T (L L^T)^-1 r_i`` for each row of ``r`` (B, D), with ``L`` = ``chol`` lower
+    triangular: the squared norm of ``L^-1 r_i``."""
+    return torch.linalg.solve_triangular(chol, r.T, upper=False).square().sum(0)
