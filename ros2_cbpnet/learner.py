@@ -29,7 +29,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .image_resize import resize_batch
-from .learner_config import (ARCH_FIELDS, MAX_LABEL_LENGTH, LearnerConfig,
+from .frozen_runtime import OnnxQuery, load_onnx_query
+from .learner_config import (ARCH_FIELDS, MAX_LABEL_LENGTH, START_FIELDS, LearnerConfig,
                              default_prompt_layers, resolve_device)
 from .model.backbones import Backbone, backbone_parameter_count, load_backbone
 from .model.cbpnet import CBPNet
@@ -73,6 +74,10 @@ class Prediction:
     novelty: float = 0.0
     known: bool = True
     model_version: int = 0
+    #: What computed the frozen pass: ``'onnxruntime'`` or ``'torch'``, and its provider
+    #: (an ONNX Runtime execution provider, or the torch device).
+    runtime: str = 'torch'
+    provider: str = 'cpu'
 
 
 @dataclass
@@ -154,9 +159,12 @@ class ContinualLearner:
         config: the learner configuration (validated here).
         backbone: an already loaded backbone to share (e.g. between evaluation runs);
             loaded from ``config`` when omitted.
+        runtime_cache_dir: where the ONNX export of the frozen pass is cached (the node: a
+            folder in its checkpoint directory); None exports it in memory at every start.
 
     Raises:
-        ValueError: invalid configuration.
+        ValueError: invalid configuration, or ``runtime='onnxruntime'`` where ONNX Runtime
+            cannot run the frozen pass (the message says why).
         BackboneLoadError: the backbone or its weights cannot be loaded.
 
     Example:
@@ -166,7 +174,8 @@ class ContinualLearner:
         'cup'
     """
 
-    def __init__(self, config: LearnerConfig, backbone: Optional[Backbone] = None) -> None:
+    def __init__(self, config: LearnerConfig, backbone: Optional[Backbone] = None, *,
+                 runtime_cache_dir: Optional[str] = None) -> None:
         config.validate()
         self.device = resolve_device(config.device)
         config = config.replace(precision=resolve_precision(config.precision, self.device))
@@ -190,6 +199,38 @@ class ContinualLearner:
         # Snapshots from before each of the last UNDO_DEPTH learned tasks (oldest first).
         self._history: List[_Snapshot] = []
         self.replacements_last_task = 0
+        self._runtime_cache_dir = runtime_cache_dir
+        self._onnx: Optional[OnnxQuery] = None
+        #: Why the frozen pass runs where it runs ('' for ONNX Runtime).
+        self.runtime_note = ''
+        self._load_runtime()
+
+    def _load_runtime(self) -> None:
+        """(Re)build the ONNX Runtime frozen pass for the current query layers and size."""
+        c = self.config
+        self._onnx, self.runtime_note = None, 'runtime: torch'
+        if c.runtime == 'torch':
+            return
+        self._onnx, why = load_onnx_query(
+            self.backbone, c.query_layers, c.image_size, providers=c.onnx_providers,
+            threads=c.inference_threads, cache_dir=self._runtime_cache_dir)
+        if self._onnx is not None:
+            self.runtime_note = ''
+            _log.info('frozen pass in ONNX Runtime (%s)', self._onnx.provider)
+            return
+        if c.runtime == 'onnxruntime':
+            raise ValueError(f'runtime onnxruntime cannot be used: {why}')
+        self.runtime_note = why
+        _log.info('frozen pass in torch: %s', why)
+
+    @property
+    def runtime(self) -> Tuple[str, str]:
+        """(runtime, provider) of the frozen pass of predictions now: ONNX Runtime serves
+        the statistics recipe; prompted prediction runs in torch."""
+        if self._onnx is not None and self.config.prediction == 'stats' \
+                and self.config.fast_paths:
+            return self._onnx.name, self._onnx.provider
+        return 'torch', str(self.device)
 
     def _resolve_layout(self, config: LearnerConfig) -> LearnerConfig:
         """Fill empty layout fields with the backbone family's defaults."""
@@ -328,9 +369,14 @@ class ContinualLearner:
         c = self.config
         reject = c.unknown_threshold > 0
         x = self.preprocess(images)
+        runtime, provider = self.runtime
         with torch.inference_mode(), self._autocast():
-            probs, task_ids, novelty = snap.state.predict_with_novelty(
-                self.backbone, x, c.fast_paths, novelty=True)
+            if runtime == 'onnxruntime' and snap.state.prediction == 'stats':
+                probs, task_ids, novelty = snap.state.predict_from_queries(self._onnx(x))
+            else:
+                runtime, provider = 'torch', str(self.device)
+                probs, task_ids, novelty = snap.state.predict_with_novelty(
+                    self.backbone, x, c.fast_paths, novelty=True)
         active = snap.state.class_active
         k = min(top_k or c.top_k, int(active.sum()))
         # Forgotten classes have probability 0, but so may others after underflow: keep them
@@ -342,7 +388,8 @@ class ContinualLearner:
             topk = [(snap.classes[i], float(s)) for i, s in zip(i_row, s_row)]
             known = not (reject and nov > c.unknown_threshold)
             out.append(Prediction(topk[0][0] if known else c.unknown_label, topk[0][1], int(t),
-                                  topk, float(nov), known, snap.model_version))
+                                  topk, float(nov), known, snap.model_version, runtime,
+                                  provider))
         return out
 
     def within_task_scores(self, images: Sequence[np.ndarray], task_id: int
@@ -414,10 +461,18 @@ class ContinualLearner:
             for name, i in zip(new_classes, state.add_classes(len(new_classes), task_id)):
                 index[name] = i
         y = torch.tensor([index[label] for label in labels], device=self.device)
-        trunk, queries = self._frozen_pass(state, resized, cancel)
+        trains = task_id is not None and state.trains_prompts
+        planned = steps_for(sum(label not in known for label in labels), c) if trains \
+            else (0, 0)
+
+        def features_done(done: int) -> None:
+            if progress is not None:
+                progress(Progress(task_id, 0, planned[0], 0, planned[1], 0.0, 0.0, 0,
+                                  stage='features', done=done, total=len(labels)))
+        trunk, queries = self._frozen_pass(state, resized, cancel, features_done)
         replaced, train_accuracy, epochs = 0, float('nan'), 0
         key_cosine: Optional[Tuple[float, float]] = None
-        if task_id is not None and state.trains_prompts:
+        if trains:
             new = torch.tensor([label not in known for label in labels], device=self.device)
             pick = torch.nonzero(new).flatten()
             data = TaskData(y[pick], queries[pick], None if trunk is None else trunk[pick],
@@ -462,6 +517,10 @@ class ContinualLearner:
                 snap = _Snapshot(state, base.classes, base.tasks, current.model_version + 1)
             self._snapshot = snap
         self.replacements_last_task = replaced
+        if progress is not None:
+            progress(Progress(task_id, epochs, epochs, planned[1] if epochs else 0,
+                              planned[1] if epochs else 0, 0.0, train_accuracy, replaced,
+                              stage='done', done=len(labels), total=len(labels)))
         return TaskResult(task_id, sorted(new_classes + refined), len(labels), epochs,
                           train_accuracy, time.monotonic() - started, replaced,
                           snap.model_version, new_classes, refined,
@@ -484,25 +543,34 @@ class ContinualLearner:
         return labels
 
     def _frozen_pass(self, state: CBPNet, resized: '_TaskImages',
-                     cancel: Optional[threading.Event]
+                     cancel: Optional[threading.Event],
+                     report: Callable[[int], None] = lambda done: None
                      ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """Queries of all samples, and their trunk outputs when they fit the cache budget.
 
         Without augmentation neither depends on anything trained, so both are computed once
-        per task instead of once per epoch, a chunk of images at a time.
+        per task instead of once per epoch, a chunk of images at a time (``report`` gets the
+        images done after each chunk; ``cancel`` is checked before each). The statistics
+        recipe computes them in the runtime its predictions use, so both see the same
+        numbers.
         """
         trunks: List[torch.Tensor] = []
         queries: List[torch.Tensor] = []
         cached_bytes, keep = 0, self.config.fast_paths and state.trains_prompts
+        onnx = self._onnx if not state.trains_prompts and self.config.fast_paths else None
         with torch.no_grad(), self._autocast():
             for start in range(0, len(resized), resized.chunk_size):
                 _check_cancel(cancel)
-                h, taps = state.trunk_and_taps(self.backbone,
-                                               self._normalise(resized.chunk(start)))
-                queries.append(state.queries(self.backbone, h, taps).float())
-                cached_bytes += h.numel() * h.element_size()
-                keep = keep and cached_bytes <= self.config.trunk_cache_mb * 2 ** 20
-                trunks = trunks + [h] if keep else []
+                x = self._normalise(resized.chunk(start))
+                if onnx is not None:
+                    queries.append(onnx(x).float())
+                else:
+                    h, taps = state.trunk_and_taps(self.backbone, x)
+                    queries.append(state.queries(self.backbone, h, taps).float())
+                    cached_bytes += h.numel() * h.element_size()
+                    keep = keep and cached_bytes <= self.config.trunk_cache_mb * 2 ** 20
+                    trunks = trunks + [h] if keep else []
+                report(min(start + resized.chunk_size, len(resized)))
         trunk = torch.cat(trunks) if keep and trunks else None
         return trunk, torch.cat(queries)
 
@@ -589,8 +657,7 @@ class ContinualLearner:
         Raises:
             ValueError: an unknown or invalid field, or an architecture field.
         """
-        fixed = [k for k in changes if k in ARCH_FIELDS + ('backbone', 'backbone_checkpoint',
-                                                           'device', 'precision')]
+        fixed = [k for k in changes if k in ARCH_FIELDS + START_FIELDS]
         if fixed:
             raise ValueError(f'{fixed} cannot change at run time')
         with self._swap_lock:
@@ -647,6 +714,8 @@ class ContinualLearner:
             self.config = self.config.replace(**changes)
         self._snapshot = self._snapshot_from_payload(payload)
         self._history = []
+        if changes.keys() & {'query_layers', 'image_size'}:
+            self._load_runtime()  # the exported pass computes the old query
 
     def _snapshot_from_payload(self, payload: Dict[str, Any]) -> _Snapshot:
         arch = ckpt.upgrade_architecture(payload['architecture'], self.backbone.num_layers)

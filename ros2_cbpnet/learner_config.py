@@ -12,13 +12,14 @@ from typing import Any, List, Tuple
 
 import torch
 
+from .frozen_runtime import RUNTIMES
 from .model.backbones import EMBEDDED_BACKBONE, Backbone, ViTBackbone
 from .model.cbpnet import PREDICTION_MODES, SELECTION_MODES
 from .model.statistics import SPREADS
 
 __all__ = [
-    'ARCH_FIELDS', 'LearnerConfig', 'MAX_LABEL_LENGTH', 'RECIPES', 'default_prompt_layers',
-    'resolve_device',
+    'ARCH_FIELDS', 'LearnerConfig', 'MAX_LABEL_LENGTH', 'RECIPES', 'START_FIELDS',
+    'default_prompt_layers', 'resolve_device',
 ]
 
 #: Prompt layouts per backbone family, used when the config leaves the layers empty.
@@ -26,6 +27,9 @@ __all__ = [
 #: late stages, so the unprompted trunk is shared between query and prompted pass.
 VIT_G_LAYERS, VIT_E_LAYERS = [0, 1], [2, 3, 4]
 CNN_G_LAYERS, CNN_E_LAYERS = [5], [6, 7]
+#: Fields that only take effect when a learner is created.
+START_FIELDS = ('backbone', 'backbone_checkpoint', 'device', 'precision', 'runtime',
+                'onnx_providers', 'inference_threads')
 #: Architecture fields stored in checkpoints; a saved model keeps its own layout.
 ARCH_FIELDS = ('g_prompt_length', 'g_prompt_layers', 'e_prompt_length', 'e_prompt_layers',
                'cbp_hidden_units', 'image_size', 'query_layers')
@@ -87,6 +91,14 @@ class LearnerConfig:
     ``precision='auto'`` picks per device (:func:`ros2_cbpnet.precision.default_precision`:
     fp32 on CPU, bf16 on GPUs with native bf16, else fp16 with loss scaling).
 
+    Runtime of the frozen pass (:mod:`ros2_cbpnet.frozen_runtime`): ``runtime='auto'`` runs
+    the frozen multi-layer query of the statistics recipe in ONNX Runtime when it is
+    installed and the export reproduces torch, else in torch; ``'onnxruntime'`` insists (the
+    learner refuses to start without it); ``'torch'`` never exports. ``onnx_providers``
+    orders ONNX Runtime's execution providers (empty: TensorRT, CUDA, CPU, whichever exist
+    on a CUDA device; the CPU otherwise). ``inference_threads`` is ONNX Runtime's intra-op
+    thread count (the node also gives it to torch); 0 = one per core.
+
     ``fast_paths=False`` switches off the performance savings of design.md section 3
     (shared trunk, one-task shortcut, trunk cache) for benchmarking; results are the same up
     to float rounding.
@@ -124,6 +136,11 @@ class LearnerConfig:
     lda_spread: str = 'scaled'
     feature_replay_coeff: float = 1.0
     g_prompt_first_task_only: bool = True
+    runtime: str = 'auto'
+    onnx_providers: List[str] = field(default_factory=list)
+    # Measured on this project's 2-core machine (README, "Performance"): one thread for the
+    # model leaves the other core to the camera and DDS threads.
+    inference_threads: int = 1
     grad_clip_norm: float = 1.0
     trunk_cache_mb: int = 512
     fast_paths: bool = True
@@ -185,6 +202,10 @@ class LearnerConfig:
         need(math.isfinite(self.feature_replay_coeff) and self.feature_replay_coeff >= 0,
              'feature_replay_coeff must be >= 0')
         need(self.grad_clip_norm > 0, 'grad_clip_norm must be > 0')
+        need(self.runtime in RUNTIMES, f'runtime must be one of {RUNTIMES}')
+        need(all(isinstance(p, str) and p.strip() for p in self.onnx_providers),
+             'onnx_providers must be provider names such as tensorrt, cuda, cpu')
+        need(0 <= self.inference_threads <= 256, 'inference_threads must be 0..256')
         need(self.trunk_cache_mb >= 0, 'trunk_cache_mb must be >= 0')
         need(1 <= self.top_k <= 1000, 'top_k must be 1..1000')
         need(math.isfinite(self.unknown_threshold),

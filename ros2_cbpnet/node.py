@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import rclpy
+import torch
 import rclpy.logging
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
@@ -113,6 +114,7 @@ def prediction_record(pred: Prediction, header: Any, source: str, latency_ms: fl
         'novelty': float(pred.novelty), 'task_id': int(pred.task_id),
         'topk': [{'label': label, 'score': float(score)} for label, score in pred.topk],
         'latency_ms': latency_ms, 'model_version': int(pred.model_version),
+        'runtime': pred.runtime, 'provider': pred.provider,
     }
 
 
@@ -229,8 +231,11 @@ class CBPNetNode(Node):
         self._publish_model()
         self._worker.start()
         self._cameras.start()
+        runtime, provider = self.learner.runtime
         self.get_logger().info(
-            f'ready: backbone {c.backbone} on {self.learner.device} at {c.image_size} px, '
+            f'ready: backbone {c.backbone} on {self.learner.device} at {c.image_size} px '
+            f'(frozen pass: {runtime}, {provider}'
+            + (f'; {self.learner.runtime_note}' if self.learner.runtime_note else '') + '), '
             f'cameras {self._camera_topics}, '
             + (f'loaded {loaded} ({self.learner.num_tasks} tasks, classes '
                f'{self.learner.classes})' if loaded else 'no task learned yet')
@@ -245,8 +250,12 @@ class CBPNetNode(Node):
                 ckpt.load_newest_valid(self._checkpoint_dir, config.backbone)
             except ckpt.IncompatibleCheckpointError as exc:
                 raise ConfigError(self._incompatible_message(exc)) from exc
+        if config.inference_threads:
+            # Process-wide: the prompted pass and training; ONNX Runtime has its own.
+            torch.set_num_threads(config.inference_threads)
         try:
-            self.learner = ContinualLearner(config)
+            self.learner = ContinualLearner(config, runtime_cache_dir=os.path.join(
+                self._checkpoint_dir, 'onnx') if self._checkpoint_dir else None)
         except (ValueError, BackboneLoadError) as exc:
             raise ConfigError(f'cannot create the learner: {exc}') from exc
         loaded = None
@@ -650,7 +659,9 @@ class CBPNetNode(Node):
                     camera_thread_alive=self._cameras.alive,
                     num_tasks=learner.num_tasks, topics=self._camera_topics,
                     static={'device': str(learner.device), 'backbone': learner.config.backbone,
-                            'image_size': learner.config.image_size, 'vision_msgs': vision}),
+                            'image_size': learner.config.image_size, 'vision_msgs': vision,
+                            'runtime': learner.runtime[0], 'provider': learner.runtime[1],
+                            'runtime_note': learner.runtime_note}),
                 self._diag.learner(learner, self.buffer, self._stats, facts),
                 self._diag.cbp(learner), self._diag.prompts(learner, self._stats)]
             self._diagnostics_pub.publish(array)

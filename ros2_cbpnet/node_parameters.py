@@ -38,7 +38,7 @@ LEARNER_PARAMS: Tuple[str, ...] = (
     'cbp_enabled', 'cbp_hidden_units', 'cbp_replacement_rate', 'cbp_maturity_threshold',
     'cbp_decay_rate', 'prompt_selection', 'prediction', 'head_weight', 'lda_shrinkage',
     'feature_replay_coeff', 'g_prompt_first_task_only', 'key_steps', 'recipe', 'seed', 'top_k',
-    'unknown_threshold', 'unknown_label')
+    'unknown_threshold', 'unknown_label', 'runtime', 'onnx_providers', 'inference_threads')
 #: LearnerConfig fields deliberately not exposed (benchmark and numerical-safety knobs); a
 #: test fails when LearnerConfig gains a field that is in neither tuple.
 NOT_EXPOSED: Tuple[str, ...] = ('grad_clip_norm', 'trunk_cache_mb', 'fast_paths',
@@ -130,6 +130,17 @@ PARAMETERS: Dict[str, ParamSpec] = {
                                  'empty = family default (ViT [2, 3, 4], CNN [6, 7])', **_RO),
     'cbp_hidden_units': ParamSpec(_T.PARAMETER_INTEGER, 'hidden units of the CBP block', 1,
                                   65536, **_RO),
+    # --- runtime of the frozen pass (read-only)
+    'runtime': ParamSpec(_T.PARAMETER_STRING, 'runtime of the frozen pass of the statistics '
+                         'recipe: auto = ONNX Runtime when installed and its export matches '
+                         'torch, else torch; onnxruntime = refuse to start without it; torch',
+                         constraints='auto, torch or onnxruntime', **_RO),
+    'onnx_providers': ParamSpec(_T.PARAMETER_STRING_ARRAY, 'ONNX Runtime execution providers '
+                                'in order (tensorrt, cuda, cpu or full names); empty = '
+                                'TensorRT, CUDA, CPU, whichever exist, on a CUDA device, the '
+                                'CPU otherwise', **_RO),
+    'inference_threads': ParamSpec(_T.PARAMETER_INTEGER, 'intra-op threads of ONNX Runtime '
+                                   'and torch; 0 = one per core', 0, 256, **_RO),
     # --- learning (apply to the next learned task)
     'epochs': ParamSpec(_T.PARAMETER_INTEGER, 'training epochs per task (prediction task or '
                         'all)', 1, 1000),

@@ -34,9 +34,16 @@ __all__ = ['Progress', 'TaskData', 'TaskTraining', 'TrainingCancelled', 'Trainin
 
 @dataclass
 class Progress:
-    """Training progress, reported after every optimiser step."""
+    """Progress of one ``learn_task``.
 
-    task_id: int
+    ``stage`` is ``'features'`` during the frozen pass over the task's images (``done`` of
+    ``total`` images, after every chunk), ``'training'`` after every optimiser step of the
+    prompt training (``epoch``/``step`` of ``epochs``/``steps``, the batch's ``loss`` and
+    the epoch's ``accuracy`` so far) and ``'done'`` once at the end. ``task_id`` is None
+    when the call only refines known classes.
+    """
+
+    task_id: Optional[int]
     epoch: int
     epochs: int
     step: int
@@ -44,6 +51,9 @@ class Progress:
     loss: float
     accuracy: float
     replaced_units: int
+    stage: str = 'training'
+    done: int = 0
+    total: int = 0
 
 
 @dataclass

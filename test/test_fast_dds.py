@@ -46,8 +46,21 @@ def test_jpeg_camera_in_another_process_is_classified_at_the_default_qos(tmp_pat
         assert client.wait_for_status('cbpnet: learner',
                                       lambda level, v: int(v['buffer_samples']) == 10, 60), \
             read_log(node)
+        progress = client.collect('~/learning_progress')
         reply = client.call_trigger('~/learn_task', timeout=180)
         assert reply.success, reply.message
+        # The default learner trains nothing: its progress is the frozen pass, then done.
+        assert wait_until(lambda: progress.snapshot() and
+                          progress.snapshot()[-1]['stage'] == 'done', 10), progress.snapshot()
+        stages = [p['stage'] for p in progress.snapshot()]
+        assert stages == ['features'] * (len(stages) - 1) + ['done'], stages
+        assert progress.snapshot()[-2]['done'] == progress.snapshot()[-2]['total'] == 10
+        # The frozen pass runs in ONNX Runtime (runtime auto), cached in the checkpoint dir.
+        _, inference = client.wait_for_status('cbpnet: inference', lambda level, v: True, 30)
+        assert (inference['runtime'], inference['provider']) == (
+            'onnxruntime', 'CPUExecutionProvider'), inference
+        assert any(n.startswith('frozen-query-') and n.endswith('.onnx')
+                   for n in os.listdir(tmp_path / 'checkpoints' / 'onnx'))
 
         # The node subscribes best effort: what a camera driver offers.
         infos = wait_until(lambda: client.get_subscriptions_info_by_topic(camera), 30)
@@ -74,6 +87,7 @@ def test_jpeg_camera_in_another_process_is_classified_at_the_default_qos(tmp_pat
         assert p['source'] == camera
         assert p['label'] == p['frame_id'][4:], p  # cam_red -> red
         assert 0.5 < p['score'] <= 1.0 and p['model_version'] == 1
+        assert (p['runtime'], p['provider']) == ('onnxruntime', 'CPUExecutionProvider')
         assert p['stamp']['sec'] > 0  # copied from the camera's header
     print(f'\n{len(predictions)} predictions from {sent} JPEG frames sent best effort '
           f'at 10 Hz by another process, first of both classes after {elapsed:.1f} s')

@@ -77,10 +77,19 @@ def test_two_digit_tasks_are_learned_well_above_chance(two_tasks, digits):
 
 @pytest.mark.slow
 def test_progress_is_reported_every_step(two_tasks):
+    """Stages in order: the frozen pass chunk by chunk, every optimiser step, one 'done'."""
     _, results, progress = two_tasks
     first = [p for p in progress if p.task_id == 0]
-    assert first[-1].step == first[-1].steps == len(first)
-    assert first[-1].epoch == first[-1].epochs == FAST['epochs']
+    stages = [p.stage for p in first]
+    features = [p for p in first if p.stage == 'features']
+    training = [p for p in first if p.stage == 'training']
+    assert stages == ['features'] * len(features) + ['training'] * len(training) + ['done']
+    assert features[-1].done == features[-1].total == results[0].num_samples
+    assert [p.done for p in features] == sorted(p.done for p in features)
+    assert features[0].steps == training[-1].steps  # the plan is known before training
+    assert training[-1].step == training[-1].steps == len(training)
+    assert training[-1].epoch == training[-1].epochs == FAST['epochs']
+    assert first[-1].done == first[-1].total == results[0].num_samples
     assert all(np.isfinite(p.loss) for p in progress)
     assert results[0].train_accuracy > 0.8
 
@@ -315,7 +324,8 @@ def test_statistics_recipe_trains_nothing_and_learns_from_statistics(backbone, d
     steps = []
     result = learner.learn_task(*_task(digits, [0, 1, 2], per_class=30),
                                 progress=steps.append)
-    assert steps == [] and result.epochs == 0 and result.replaced_units == 0
+    assert [p.stage for p in steps] == ['features'] * (len(steps) - 1) + ['done']
+    assert result.epochs == 0 and result.replaced_units == 0
     assert result.train_accuracy > 0.9  # how the statistics classify what was taught
     after = learner.state.cbp.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -94,7 +94,7 @@ def learned(harness):
     predictions.close()
     response = c.call_trigger('~/learn_task', timeout=180)
     assert response.success, response.message
-    progress.wait_count(1, timeout=10)
+    assert progress.wait_for(lambda m: m['stage'] == 'done', timeout=10) is not None
     return {'reply': json.loads(response.message), 'level_before': level_before,
             'progress': progress.snapshot()}
 
@@ -167,9 +167,13 @@ def test_learn_task_reply_and_progress(harness, learned):
     progress = learned['progress']
     assert progress, 'no learning_progress messages'
     for key in ('task_id', 'epoch', 'epochs', 'step', 'steps', 'loss', 'accuracy',
-                'replaced_units'):
+                'replaced_units', 'stage', 'done', 'total'):
         assert key in progress[-1], key
-    assert progress[-1]['step'] == progress[-1]['steps']
+    stages = [p['stage'] for p in progress]
+    assert stages[0] == 'features' and stages[-1] == 'done' and 'training' in stages
+    training = [p for p in progress if p['stage'] == 'training']
+    assert training[-1]['step'] == training[-1]['steps'] == progress[-1]['steps']
+    assert progress[-1]['done'] == progress[-1]['total'] == 20
     assert learned['level_before'] == 1  # WARN while nothing was learned
 
 
@@ -184,6 +188,7 @@ def test_predictions_carry_labels_and_header(harness, learned):
     assert red['source'] == CAM and red['model_version'] >= 1
     assert 0.0 <= red['score'] <= 1.0 and red['latency_ms'] >= 0.0
     assert red['task_id'] == 0 or harness.node.learner.num_tasks > 1
+    assert red['runtime'] == 'torch'  # the learned recipe's prompted pass runs in torch
     assert [t['label'] for t in red['topk']][0] == 'red'
     assert len(red['topk']) == min(5, len(harness.node.learner.classes))
     blue = classify(c, CAM_Z, noisy_images(BLUE, 1, rng=rng)[0], 'cam1_optical',

@@ -197,14 +197,16 @@ def test_load_vision_msgs_says_why_when_missing():
 
 def test_prediction_record_is_the_json_contract():
     pred = Prediction('unknown', 0.6, 1, [('cup', 0.6), ('mug', 0.3)], novelty=4.5,
-                      known=False, model_version=3)
+                      known=False, model_version=3, runtime='onnxruntime',
+                      provider='CPUExecutionProvider')
     header = types.SimpleNamespace(stamp=types.SimpleNamespace(sec=1, nanosec=2),
                                    frame_id='f')
     assert prediction_record(pred, header, '/cam', 12.5) == {
         'stamp': {'sec': 1, 'nanosec': 2}, 'frame_id': 'f', 'source': '/cam',
         'label': 'unknown', 'score': 0.6, 'known': False, 'novelty': 4.5, 'task_id': 1,
         'topk': [{'label': 'cup', 'score': 0.6}, {'label': 'mug', 'score': 0.3}],
-        'latency_ms': 12.5, 'model_version': 3}
+        'latency_ms': 12.5, 'model_version': 3, 'runtime': 'onnxruntime',
+        'provider': 'CPUExecutionProvider'}
 
 
 # ------------------------------------------------------------------------------ logging

@@ -120,16 +120,19 @@ def ambiguous_frames():
 
 
 class Held:
-    """Holds learning at its first optimiser step (in-process hook on the progress callback),
-    so a test can look at the node while a task is certainly being learned."""
+    """Holds learning at its first optimiser step, or the first chunk of its frozen pass
+    (``stage='features'``), with an in-process hook on the progress callback, so a test can
+    look at the node while a task is certainly being learned."""
 
-    def __init__(self, node):
+    def __init__(self, node, stage='training'):
         self.node, self.held, self.release = node, threading.Event(), threading.Event()
         self.forward = node._model._on_progress
+        self.stage = stage
 
     def _hold(self, progress):
-        self.held.set()
-        self.release.wait(120)
+        if progress.stage == self.stage and not self.held.is_set():
+            self.held.set()
+            self.release.wait(120)
         self.forward(progress)
 
     def __enter__(self):
@@ -478,6 +481,36 @@ def bare(tmp_path, monkeypatch):
         yield h
 
 
+def test_cancel_stops_a_long_frozen_pass_over_dds(bare):
+    """The statistics recipe has no optimiser step: ~/cancel_learning stops it between
+    chunks of the frozen pass, and ~/learning_progress shows that pass."""
+    c, node = bare.client, bare.node
+    assert c.set_parameters({'prediction': 'stats'})[0].successful
+    count = 300  # two chunks of the frozen pass at 64 px
+    teach(c, RED, count // 2, 'red', 30)
+    teach(c, BLUE, count // 2, 'blue', 31)
+    status(c, 'learner', lambda level, v: int(v['buffer_samples']) == count,
+           prefix='bare/cbpnet')
+    progress = c.collect('~/learning_progress')
+    with Held(node, stage='features') as held:
+        future = c.call_async(Trigger, '~/learn_task')
+        assert held.held.wait(120)
+        cancelling = c.call_async(Trigger, '~/cancel_learning')
+        time.sleep(0.5)  # the cancel is asked for while the first chunk is held
+        held.release.set()
+        cancelled = c.result(cancelling, 60)
+    reply = c.result(future, 60)
+    assert cancelled.success, cancelled.message
+    assert not reply.success and json.loads(reply.message) == {'error': 'cancelled'}
+    assert wait_until(lambda: len(progress) >= 1, 10)
+    seen = progress.snapshot()
+    assert {p['stage'] for p in seen} == {'features'}, seen
+    assert seen[-1]['done'] < seen[-1]['total'] == count
+    assert node.learner.num_tasks == 0
+    values = learner_values(c, lambda v: v['state'] == 'idle', prefix='bare/cbpnet')
+    assert int(values['buffer_samples']) == count  # kept for a later learn_task
+
+
 def test_persistence_off_save_refused_and_learn_answers_checkpoint_null(bare, tmp_path):
     c = bare.client
     saved = c.call_trigger('~/save')
@@ -502,7 +535,8 @@ def test_save_before_any_task_is_refused(tmp_path):
         saved = h.client.call_trigger('~/save')
         assert not saved.success
         assert 'no task has been learned' in json.loads(saved.message)['error']
-    assert list(tmp_path.iterdir()) == []
+    # Nothing but the cached export of the frozen pass (runtime auto).
+    assert [p.name for p in tmp_path.iterdir()] == ['onnx']
 
 
 def test_inference_levels_follow_the_input(bare):

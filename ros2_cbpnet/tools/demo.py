@@ -252,11 +252,12 @@ class DemoClient:
             raise TimeoutError(f'the node buffered {self.buffer_samples()} of {want} samples')
 
     def learn_task(self, timeout_s: float, bar_prefix: str) -> Tuple[bool, Dict[str, Any]]:
-        """Call ``learn_task`` and draw a progress bar from ``learning_progress``."""
+        """Call ``learn_task`` and draw a progress bar per stage from ``learning_progress``
+        (the frozen pass over the images, then the optimiser steps when the recipe trains)."""
         with self._cond:
             self.progress.clear()
         future = self.learn.call_async(self._Trigger.Request())
-        bar: Optional[tqdm] = None
+        bars: Dict[str, tqdm] = {}
         shown = 0
         deadline = time.monotonic() + timeout_s
         while not future.done():
@@ -266,14 +267,9 @@ class DemoClient:
             with self._cond:
                 new = self.progress[shown:]
             for p in new:
-                if bar is None:
-                    bar = tqdm(total=int(p['steps']), desc=bar_prefix, unit='step',
-                               dynamic_ncols=True)
-                bar.update(1)
-                bar.set_postfix(epoch=f"{p['epoch']}/{p['epochs']}", loss=f"{p['loss']:.3f}",
-                                acc=f"{p['accuracy']:.3f}", refresh=False)
+                _progress_bar(bars, p, bar_prefix)
             shown += len(new)
-        if bar is not None:
+        for bar in bars.values():
             bar.close()
         response = future.result()
         try:
@@ -330,6 +326,30 @@ def _best_taught(prediction: Optional[Dict[str, Any]]) -> Optional[str]:
         return None
     topk = prediction.get('topk') or []
     return topk[0]['label'] if topk else prediction.get('label')
+
+
+def _progress_bar(bars: Dict[str, tqdm], p: Dict[str, Any], prefix: str) -> None:
+    """Advance the bar of a ``learning_progress`` message's stage (created on first use)."""
+    stage = p.get('stage', 'training')
+    if stage == 'done':
+        return
+    features = stage == 'features'
+    if stage not in bars:
+        if features:
+            bars[stage] = tqdm(total=int(p['total']), desc=f'{prefix}: frozen pass',
+                               unit='img', dynamic_ncols=True)
+        else:
+            if 'features' in bars:
+                bars.pop('features').close()
+            bars[stage] = tqdm(total=int(p['steps']), desc=f'{prefix}: training',
+                               unit='step', dynamic_ncols=True)
+    bar = bars[stage]
+    if features:
+        bar.update(int(p['done']) - bar.n)
+    else:
+        bar.update(1)
+        bar.set_postfix(epoch=f"{p['epoch']}/{p['epochs']}", loss=f"{p['loss']:.3f}",
+                        acc=f"{p['accuracy']:.3f}", refresh=False)
 
 
 def _cbp_line(cbp: Dict[str, Any], prompts: Dict[str, Any]) -> str:

@@ -93,7 +93,7 @@ def _bar(total: int, desc: str, enabled: bool) -> Optional[tqdm]:
 
 def _reporter(bar: Optional[tqdm], tasks: int) -> Callable[[Progress], None]:
     def report(p: Progress) -> None:
-        if bar is not None:
+        if bar is not None and p.stage == 'training':
             bar.update(1)
             bar.set_postfix(task=f'{p.task_id + 1}/{tasks}', loss=f'{p.loss:.3f}',
                             acc=f'{p.accuracy:.2f}', refresh=False)
