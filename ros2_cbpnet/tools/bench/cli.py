@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..cli_types import positive_int
 from .common import CAMERA_RATE_HZ, log
 from .machine import cpu_times, machine_info, other_load
 from .report import format_table, targets
@@ -60,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the learner's prediction mode (LearnerConfig.prediction; default: the "
                         "learner's default). Modes that train prompts give the training "
                         'figures; a statistics-only mode learns without them')
+    p.add_argument('--runtime', default='auto',
+                   choices=('auto', 'torch', 'onnxruntime', 'both'),
+                   help='runtime of the frozen pass (LearnerConfig.runtime) for every figure; '
+                        'both = torch and ONNX Runtime side by side in one run: bare pass, '
+                        'prediction, learn_task and the node per runtime (default auto)')
+    p.add_argument('--runtime-learn-images', type=positive_int, default=None,
+                   help='images of the timed learn_task of --runtime both (default 500, '
+                        '--quick 40)')
     p.add_argument('--compare-naive', action='store_true',
                    help='also measure the model figures with fast_paths=False')
     p.add_argument('--skip-node', action='store_true', help='skip the ROS node figures')
@@ -113,6 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.warmup_s = args.warmup_s if args.warmup_s is not None else (0.05 if args.quick else 1.0)
     args.train_images = args.train_images or (40 if args.quick else 200)
     args.scaling_tasks = args.scaling_tasks or (4 if args.quick else 50)
+    args.runtime_learn_images = args.runtime_learn_images or (40 if args.quick else 500)
     if args.repeats < 1 or args.slice_s < 0 or args.node_seconds <= 0:
         parser.error('--repeats must be >= 1, --slice-s >= 0 and --node-seconds > 0')
     if args.train_classes < 1 or args.train_images < 2 * args.train_classes:
@@ -219,8 +229,10 @@ def run_bench(args, device) -> Dict[str, Any]:
     t0 = time.perf_counter()
     cpu0 = cpu_times()
     _warn_if_busy()
-    results: Dict[str, Any] = {'tool': 'cbpnet-bench', 'version': 2,
+    results: Dict[str, Any] = {'tool': 'cbpnet-bench', 'version': 3,
                                'machine': machine_info(device)}
+    if args.runtime == 'both':
+        return _runtime_comparison(args, device, results, t0, cpu0)
     results.update(model_section(args, device))
     results.update(node_fps=None, node_latency_ms=None, node_e2e_latency_ms=None,
                    node_vs_model=None, node_cameras=None, four_camera_classified_fraction=None)
@@ -238,6 +250,42 @@ def run_bench(args, device) -> Dict[str, Any]:
         results['gpu'] = gpu_summary(results)
     results['machine']['loadavg_end'] = [round(v, 2) for v in os.getloadavg()]
     # CPU time that other processes used while this ran (the node's is this run's own).
+    results['machine'].update(other_load(cpu0, time.perf_counter() - t0))
+    results['targets'] = targets(results)
+    results['bench_seconds'] = round(time.perf_counter() - t0, 1)
+    return results
+
+
+def _runtime_comparison(args, device, results: Dict[str, Any], t0: float, cpu0: Any
+                        ) -> Dict[str, Any]:
+    """``--runtime both``: the side-by-side figures, then the node once per runtime."""
+    from .runtime_figures import RUNTIMES, runtime_section
+
+    section = runtime_section(args, device)
+    results['runtimes'] = section
+    results['node_by_runtime'] = {}
+    if not args.skip_node:
+        from .node_figures import node_section
+
+        for runtime in RUNTIMES:
+            node_args = argparse.Namespace(**vars(args))
+            node_args.runtime = runtime
+            node = node_section(node_args)
+            fps_b1 = section['prediction_ips'][runtime]['batch_1']
+            one = node['runs'].get('1_raw')
+            results['node_by_runtime'][runtime] = {
+                'classified_fraction': {name: run['classified_fraction']
+                                        for name, run in node['runs'].items()},
+                'e2e_latency_ms': {name: {k: run['e2e_latency_ms'][k] for k in ('p50', 'p95')}
+                                   for name, run in node['runs'].items()},
+                'node_vs_model': round(one['classified_fps'] / min(CAMERA_RATE_HZ, fps_b1), 3)
+                if one else None,
+                'runtime_reported': node.get('diagnostics', {}).get('cbpnet: inference', {})
+                .get('runtime'),
+                'rss_peak_mb': node.get('node_rss_peak_mb'), 'vm_hwm_mb': node.get(
+                    'node_vm_hwm_mb'),
+                'learn_task': node.get('learn_task'), 'detail': node}
+    results['machine']['loadavg_end'] = [round(v, 2) for v in os.getloadavg()]
     results['machine'].update(other_load(cpu0, time.perf_counter() - t0))
     results['targets'] = targets(results)
     results['bench_seconds'] = round(time.perf_counter() - t0, 1)

@@ -79,6 +79,7 @@ def _learner_configs(args, modes: Dict[str, bool]):
         kw['batch_size'] = args.batch_size
     if args.prediction:
         kw['prediction'] = args.prediction
+    kw['runtime'] = getattr(args, 'runtime', 'auto')
     return {m: LearnerConfig(fast_paths=fp, **kw) for m, fp in modes.items()}
 
 

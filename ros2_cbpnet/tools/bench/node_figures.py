@@ -273,7 +273,10 @@ def node_section(args) -> Dict[str, Any]:
         'image_topics': topics, 'image_qos': args.node_image_qos,
         'checkpoint_dir': os.path.join(tmp, 'checkpoints'), 'epochs': 1,
         'min_samples_per_class': 2, 'diagnostics_period_s': 1.0,
+        'runtime': getattr(args, 'runtime', 'auto'),
     }
+    if args.threads:
+        params['inference_threads'] = args.threads
     if args.backbone_checkpoint:
         params['backbone_checkpoint'] = args.backbone_checkpoint
     if args.precision != 'fp32':

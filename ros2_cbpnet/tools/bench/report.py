@@ -15,6 +15,28 @@ TARGET_RSS_RATIO = 1.10
 TARGET_NODE_VS_MODEL = 0.85
 TARGET_ONE_CAMERA_FRACTION = 0.98
 TARGET_FOUR_CAMERA_FRACTION = 0.90
+# The runtime issue's targets (--runtime both).
+TARGET_PREDICTION_OVER_BARE_ONNX = 0.8
+TARGET_ONNX_FOUR_CAMERAS = 0.95
+TARGET_ONNX_EIGHT_CAMERAS = 0.8
+TARGET_LEARN_ONNX_SPEEDUP = 1.8
+
+
+def _runtime_targets(r: Dict[str, Any], add: Any) -> None:
+    rt = r['runtimes']
+    for b in (1, 4):
+        add(f'ONNX Runtime prediction / bare ONNX Runtime pass, batch {b}',
+            rt['prediction_over_bare']['onnxruntime'][f'batch_{b}'], '>=',
+            TARGET_PREDICTION_OVER_BARE_ONNX)
+    add(f"learn_task of {rt['learn_task_images']} images: torch s / ONNX Runtime s",
+        rt['learn_onnx_speedup'], '>=', TARGET_LEARN_ONNX_SPEEDUP)
+    fractions = (r.get('node_by_runtime', {}).get('onnxruntime') or {}).get(
+        'classified_fraction', {})
+    for name, value in fractions.items():
+        cams = int(name.split('_')[0])
+        if cams in (4, 8):
+            add(f'ONNX Runtime node, {name.replace("_", " ")} cameras: fraction classified',
+                value, '>=', TARGET_ONNX_FOUR_CAMERAS if cams == 4 else TARGET_ONNX_EIGHT_CAMERAS)
 
 
 def targets(r: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -28,6 +50,9 @@ def targets(r: Dict[str, Any]) -> List[Dict[str, Any]]:
             value <= target
         out.append({'name': name, 'value': value, 'target': f'{op} {target:g}', 'met': bool(met)})
 
+    if 'runtimes' in r:
+        _runtime_targets(r, add)
+        return out
     fr = r['inference_floor_ratio']
     add('inference_floor_ratio batch 8 (2 tasks)', fr['batch_8'], '>=', TARGET_FLOOR_B8)
     add('inference_floor_ratio batch 1 (2 tasks)', fr['batch_1'], '>=', TARGET_FLOOR_B1)
@@ -79,8 +104,46 @@ def _val(d: Optional[Dict[str, Any]], *path: str) -> str:
     return str(cur)
 
 
+def _runtime_table(r: Dict[str, Any]) -> str:
+    rt, m = r['runtimes'], r['machine']
+    rows = []
+    for kind, key in (('bare frozen pass', 'bare_ips'), ('prediction', 'prediction_ips'),
+                      ('prediction / own bare pass', 'prediction_over_bare'),
+                      ('prediction / bare ONNX pass', 'prediction_over_bare_onnx')):
+        for b in (1, 4, 8):
+            rows.append((f'{kind}, batch {b}', *(_val(rt, key, r_, f'batch_{b}')
+                                                 for r_ in ('torch', 'onnxruntime'))))
+    rows.append((f"learn_task s, {rt['learn_task_images']} images",
+                 _val(rt, 'learn_task_s', 'torch'), _val(rt, 'learn_task_s', 'onnxruntime')))
+    nodes = r.get('node_by_runtime') or {}
+    for name in (nodes.get('torch') or nodes.get('onnxruntime') or {}).get(
+            'classified_fraction', {}):
+        rows.append((f'node {name}: fraction classified',
+                     *(_val(nodes.get(x), 'classified_fraction', name)
+                       for x in ('torch', 'onnxruntime'))))
+    if nodes:
+        rows.append(('node_vs_model', *(_val(nodes.get(x), 'node_vs_model')
+                                        for x in ('torch', 'onnxruntime'))))
+        rows.append(('node VmHWM MB', *(_val(nodes.get(x), 'vm_hwm_mb')
+                                        for x in ('torch', 'onnxruntime'))))
+    width = max(len(x[0]) for x in rows) + 2
+    lines = [f"cbpnet-bench --runtime both: {m['cpu_model']}, {m['cpu_affinity']} cores, "
+             f"{m['torch_threads']} torch threads, ONNX Runtime on {rt['provider']}; other "
+             f"processes kept {m.get('other_processes_cores_busy')} cores busy; queries differ "
+             f"by {rt['max_relative_difference']:.1e} (relative)",
+             f"{'figure':<{width}}{'torch':>12}{'onnxruntime':>14}"]
+    lines += [f'{a:<{width}}{b:>12}{c:>14}' for a, b, c in rows]
+    lines.append('targets:')
+    for t in r['targets']:
+        lines.append(f"  [{'met' if t['met'] else 'MISSED':>6}] {t['name']}: {t['value']} "
+                     f"(target {t['target']})")
+    return '\n'.join(lines)
+
+
 def format_table(r: Dict[str, Any]) -> str:
     """A readable table of the main figures (fast paths, naive beside them when measured)."""
+    if 'runtimes' in r:
+        return _runtime_table(r)
     naive = r.get('naive')
     rows: List[Tuple[str, str, str]] = []
 
