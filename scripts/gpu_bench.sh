@@ -3,7 +3,10 @@
 # 128 and 224 px and a random-weight ViT-B/16 at 224 px, in fp32, fp16 (GradScaler) and bf16
 # (where the GPU has native bf16): inference floor ratios at batch 1 and 8, train_ips and
 # learn_task seconds of a 500-image task, peak GPU memory per item, and in the device's
-# default half precision the 2-vs-50-task scaling figures. The node is not run (no ROS
+# default half precision the 2-vs-50-task scaling figures; then the frozen pass of the
+# default learner in torch and ONNX Runtime side by side (cbpnet-bench --runtime both) with
+# the CUDA and the TensorRT execution provider (they need onnxruntime-gpu; a provider this
+# onnxruntime lacks fails that run with a message saying so). The node is not run (no ROS
 # needed on the GPU machine).
 #
 #   scripts/gpu_bench.sh [--out FILE] [--python PY] [--wheels DIR] [--precisions "fp32 ..."]
@@ -89,7 +92,9 @@ default_precision; print(default_precision(torch.device("cuda")))')"
     CONFIGS=("lite0_128 tf_efficientnet_lite0 128 $LITE0_WEIGHTS"
              "lite0_224 tf_efficientnet_lite0 224 $LITE0_WEIGHTS"
              "vit_b16_224 vit_base_patch16_224 224 random")
+    RUNTIME_PROVIDERS="${RUNTIME_PROVIDERS:-cuda tensorrt}"
 fi
+RUNTIME_PROVIDERS="${RUNTIME_PROVIDERS:-cpu}"  # the dry run checks the loop on the CPU
 
 echo "gpu_bench.sh: device $DEVICE, precisions [$PRECISIONS], scaling figures in" \
      "$SCALING_PRECISION; results in $OUT" >&2
@@ -123,6 +128,29 @@ for config in "${CONFIGS[@]}"; do
     done
 done
 
+# ---- the frozen pass in torch and ONNX Runtime, one execution provider per run (fp32)
+for provider in $RUNTIME_PROVIDERS; do
+    run="runtime_lite0_128_${provider}"
+    echo "gpu_bench.sh: $run ..." >&2
+    t0=$(date +%s)
+    args=(--device "$DEVICE" --backbone tf_efficientnet_lite0 --image-size 128
+          --runtime both --onnx-providers "$provider" --no-table --out "$TMP/$run.json"
+          "${COMMON[@]}")
+    [ -n "$LITE0_WEIGHTS" ] && args+=(--backbone-checkpoint "$LITE0_WEIGHTS")
+    if timeout "$RUN_TIMEOUT_S" "$PY" -m ros2_cbpnet.tools.bench "${args[@]}" \
+            > "$TMP/$run.log" 2>&1; then
+        echo "gpu_bench.sh: $run done in $(( $(date +%s) - t0 )) s" >&2
+    else
+        rc=$?
+        echo "gpu_bench.sh: $run FAILED (exit $rc); last lines:" >&2
+        tail -5 "$TMP/$run.log" >&2
+        printf '{"error": "exit %s after %s s", "log_tail": %s}\n' "$rc" \
+            "$(( $(date +%s) - t0 ))" \
+            "$(tail -20 "$TMP/$run.log" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')" \
+            > "$TMP/$run.error.json"
+    fi
+done
+
 mkdir -p "$(dirname "$OUT")"
 "$PY" - "$TMP" "$OUT" "$DEVICE" "$(( $(date +%s) - t_all ))" "$DRY_RUN" <<'EOF'
 import glob, json, os, sys
@@ -136,6 +164,13 @@ for path in sorted(glob.glob(os.path.join(tmp, '*.json'))):
 for name, r in runs.items():
     if 'error' in r:
         rows.append({'run': name, 'error': r['error']})
+        continue
+    if 'runtimes' in r:  # --runtime both: torch and ONNX Runtime side by side
+        rt = r['runtimes']
+        rows.append({'run': name, 'provider': rt['provider'],
+                     'bare_ips_b8': rt['bare_ips'], 'prediction_ips_b8': rt['prediction_ips'],
+                     'learn_task_s': rt['learn_task_s'],
+                     'max_relative_difference': rt['max_relative_difference']})
         continue
     g = r.get('gpu') or {}
     peaks = g.get('peak_gpu_mb') or {}

@@ -173,6 +173,26 @@ def test_json_to_stdout_auto_precision_and_default_learner(capsys):
     assert 'naive' not in r
 
 
+def test_runtime_both_gives_the_side_by_side_figures(tmp_path, capsys):
+    out = tmp_path / 'runtimes.json'
+    assert bench.main(QUICK + ['--runtime', 'both', '--runtime-learn-images', '12',
+                               '--out', str(out)]) == 0
+    r = json.loads(out.read_text())
+    rt = r['runtimes']
+    for key in ('bare_ips', 'prediction_ips', 'prediction_over_bare',
+                'prediction_over_bare_onnx'):
+        for runtime in ('torch', 'onnxruntime'):
+            assert all(_positive(rt[key][runtime][f'batch_{b}']) for b in (1, 4, 8)), key
+    assert all(_positive(v) for v in rt['learn_task_s'].values())
+    assert [len(v) for v in rt['learn_task_s_by_round'].values()] == [2, 2]  # --quick rounds
+    assert _positive(rt['learn_onnx_speedup']) and rt['learn_task_images'] == 12
+    assert rt['max_relative_difference'] < 1e-4 and rt['provider'] == 'CPUExecutionProvider'
+    names = [t['name'] for t in r['targets']]
+    assert any('prediction / bare ONNX Runtime pass' in n for n in names)
+    table = capsys.readouterr().err
+    assert 'onnxruntime' in table and 'learn_task s, 12 images' in table
+
+
 def test_half_precision_on_cpu_is_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(QUICK + ['--device', 'cpu', '--precision', 'fp16'])
@@ -318,8 +338,15 @@ def test_gpu_bench_script_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r['dry_run'] is True and r['device'] == 'cpu'
-    assert {row['run'] for row in r['summary']} == {'lite0_32_fp32', 'vit_tiny_32_fp32'}
+    assert {row['run'] for row in r['summary']} == {'lite0_32_fp32', 'vit_tiny_32_fp32',
+                                                    'runtime_lite0_128_cpu'}
+    runtime = next(row for row in r['summary'] if row['run'] == 'runtime_lite0_128_cpu')
+    assert runtime['provider'] == 'CPUExecutionProvider', runtime
+    assert runtime['max_relative_difference'] < 1e-4
+    assert all(_positive(v) for v in runtime['learn_task_s'].values())
     for row in r['summary']:
+        if row is runtime:
+            continue
         for key in ('floor_ratio_b1', 'floor_ratio_b8', 'train_ips', 'learn_task_s',
                     'tasks_scaling_2_50', 'learn_time_ratio_50_2'):
             assert _positive(row[key]), (row['run'], key)

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='runtime of the frozen pass (LearnerConfig.runtime) for every figure; '
                         'both = torch and ONNX Runtime side by side in one run: bare pass, '
                         'prediction, learn_task and the node per runtime (default auto)')
+    p.add_argument('--onnx-providers', default='',
+                   help='ONNX Runtime execution providers, comma-separated (tensorrt, cuda, '
+                        'cpu); default: the learner\'s (TensorRT, CUDA, CPU on a GPU)')
     p.add_argument('--runtime-learn-images', type=positive_int, default=None,
                    help='images of the timed learn_task of --runtime both (default 500, '
                         '--quick 40)')

@@ -80,6 +80,8 @@ def _learner_configs(args, modes: Dict[str, bool]):
     if args.prediction:
         kw['prediction'] = args.prediction
     kw['runtime'] = getattr(args, 'runtime', 'auto')
+    kw['onnx_providers'] = [p for p in getattr(args, 'onnx_providers', '').split(',')
+                            if p.strip()]
     return {m: LearnerConfig(fast_paths=fp, **kw) for m, fp in modes.items()}
 
 

@@ -55,7 +55,8 @@ def runtime_section(args, device) -> Dict[str, Any]:
         config = LearnerConfig(
             backbone=args.backbone, backbone_checkpoint=args.backbone_checkpoint,
             device=args.device, precision=args.precision, image_size=args.image_size,
-            runtime=runtime, inference_threads=args.threads or 0)
+            runtime=runtime, inference_threads=args.threads or 0,
+            onnx_providers=[p for p in args.onnx_providers.split(',') if p.strip()])
         learner = ContinualLearner(config, backbone=backbone)
         if learner.runtime[0] != runtime:
             raise RuntimeError(f'the {runtime} runtime is not available: {learner.runtime_note}')
