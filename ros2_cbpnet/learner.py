@@ -29,6 +29,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .image_resize import resize_batch
+from . import fleet
+from .fleet import Contribution, FleetLedger
 from .frozen_runtime import OnnxQuery, load_onnx_query
 from .learner_config import (ARCH_FIELDS, MAX_LABEL_LENGTH, START_FIELDS, LearnerConfig,
                              default_prompt_layers, resolve_device)
@@ -103,10 +105,13 @@ class TaskResult:
     #: could reach on them (None when no prompt was trained).
     key_query_cosine: Optional[float] = None
     key_query_cosine_max: Optional[float] = None
+    #: The statistics of this call for the fleet (``learn_task(export=...)``), else None.
+    contribution: Optional[Contribution] = field(default=None, repr=False)
 
     def as_dict(self) -> Dict[str, Any]:
-        """Plain dict for JSON."""
-        return dataclasses.asdict(self)
+        """Plain dict for JSON (without the contribution)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != 'contribution'}
 
 
 class LearningError(RuntimeError):
@@ -130,11 +135,19 @@ class _Snapshot:
     classes: Tuple[str, ...]          # every class ever learned, in head order
     tasks: Tuple[Tuple[str, ...], ...]
     model_version: int
+    fleet: FleetLedger = FleetLedger()
 
 
 def _forgotten(snap: _Snapshot) -> frozenset:
     active = snap.state.class_active.tolist()
     return frozenset(c for c, a in zip(snap.classes, active) if not a)
+
+
+def _hidden(snap: _Snapshot) -> frozenset:
+    """Classes that cannot be predicted: forgotten, or left without samples when another
+    robot withdrew the contribution they came from."""
+    counts = snap.state.stats.class_count.tolist()
+    return _forgotten(snap) | frozenset(c for c, n in zip(snap.classes, counts) if n == 0)
 
 
 def _apply_state_config(state: CBPNet, config: LearnerConfig) -> None:
@@ -200,6 +213,12 @@ class ContinualLearner:
         self._history: List[_Snapshot] = []
         self.replacements_last_task = 0
         self._runtime_cache_dir = runtime_cache_dir
+        self._fingerprint: Optional[str] = None
+        #: Fleet bookkeeping that no undo takes back (persisted with checkpoints):
+        #: ``next_sequence`` of this robot's contributions, the (robot, sequence) tags of
+        #: ``withdrawn`` contributions and of imports the user undid (``declined``).
+        self.fleet_meta: Dict[str, Any] = {'next_sequence': 1, 'withdrawn': [],
+                                           'declined': []}
         self._onnx: Optional[OnnxQuery] = None
         #: Why the frozen pass runs where it runs ('' for ONNX Runtime).
         self.runtime_note = ''
@@ -268,7 +287,8 @@ class ContinualLearner:
     def classes(self) -> List[str]:
         """Names of the classes that can be predicted, in head order (forgotten ones left out)."""
         snap = self._snapshot
-        return [c for c in snap.classes if c not in _forgotten(snap)]
+        gone = _hidden(snap)
+        return [c for c in snap.classes if c not in gone]
 
     @property
     def forgotten_classes(self) -> List[str]:
@@ -280,7 +300,7 @@ class ContinualLearner:
     def tasks(self) -> List[Dict[str, Any]]:
         """``[{'task_id': t, 'classes': [...]}, ...]`` of the learned tasks (without forgotten
         classes; a task whose classes were all forgotten keeps its id with an empty list)."""
-        gone = _forgotten(self._snapshot)
+        gone = _hidden(self._snapshot)
         return [{'task_id': t, 'classes': [c for c in cs if c not in gone]}
                 for t, cs in enumerate(self._snapshot.tasks)]
 
@@ -417,7 +437,8 @@ class ContinualLearner:
     # -------------------------------------------------------------- learning
     def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,
                    progress: Optional[Callable[[Progress], None]] = None,
-                   cancel: Optional[threading.Event] = None) -> TaskResult:
+                   cancel: Optional[threading.Event] = None, origin: str = 'local',
+                   export: Optional[Tuple[str, int]] = None) -> TaskResult:
         """Learn the labelled images: new labels become a new task, known labels refine
         their classes' statistics.
 
@@ -425,6 +446,11 @@ class ContinualLearner:
         the new task's E-prompt and key, the CBP block and the head are trained on a copy of
         the learned state (see :mod:`ros2_cbpnet.training`); every sample is merged into the
         class statistics; then the copy is swapped in.
+
+        ``origin`` is recorded as where the classes' images came from (the fleet's robot id).
+        ``export=(robot id, sequence)`` also returns the call's statistics as a fleet
+        :class:`~ros2_cbpnet.fleet.Contribution` (``result.contribution``) and records the
+        sequence in the model's ledger.
 
         Raises:
             LearnerBusyError: another task is being learned.
@@ -435,13 +461,14 @@ class ContinualLearner:
         if not self._learn_lock.acquire(blocking=False):
             raise LearnerBusyError('a task is already being learned')
         try:
-            return self._learn_task(images, labels, progress, cancel)
+            return self._learn_task(images, labels, progress, cancel, origin, export)
         finally:
             self._learn_lock.release()
 
     def _learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str],
                     progress: Optional[Callable[[Progress], None]],
-                    cancel: Optional[threading.Event]) -> TaskResult:
+                    cancel: Optional[threading.Event], origin: str,
+                    export: Optional[Tuple[str, int]]) -> TaskResult:
         started = time.monotonic()
         base = self._snapshot
         labels = self._check_labels(images, labels, base)
@@ -496,14 +523,19 @@ class ContinualLearner:
         # In slices of rows: (samples x query) float64 products of a full buffer would cost
         # hundreds of MB at once.
         rows = range(0, len(y), _ROWS)
-        state.stats.calibrate_novelty(torch.cat([state.stats.leave_one_out_novelty(
-            y[r:r + _ROWS], queries[r:r + _ROWS], state.class_active) for r in rows]))
+        raw = torch.cat([state.stats.leave_one_out_novelty(
+            y[r:r + _ROWS], queries[r:r + _ROWS], state.class_active) for r in rows])
+        state.stats.calibrate_novelty(raw)
+        contribution = self._contribution(export, labels, y, queries, raw) if export else None
         if epochs == 0:
             # Nothing trained: report how the statistics classify the samples just taught.
             with torch.no_grad():
                 guess = torch.cat([state.class_log_posterior(queries[r:r + _ROWS]).argmax(1)
                                    for r in rows])
             train_accuracy = float((guess == y).float().mean())
+        ledger = base.fleet.with_origin(new_classes + refined, origin)
+        if export:
+            ledger = dataclasses.replace(ledger, exported=ledger.exported + (int(export[1]),))
         with self._swap_lock:
             # Settings changed by reconfigure() while this task was learned apply to it too.
             _apply_state_config(state, self.config)
@@ -511,10 +543,12 @@ class ContinualLearner:
             current = self._snapshot
             if new_classes:
                 snap = _Snapshot(state, base.classes + tuple(new_classes),
-                                 base.tasks + (tuple(new_classes),), current.model_version + 1)
+                                 base.tasks + (tuple(new_classes),), current.model_version + 1,
+                                 ledger)
                 self._history = (self._history + [current])[-UNDO_DEPTH:]
             else:
-                snap = _Snapshot(state, base.classes, base.tasks, current.model_version + 1)
+                snap = _Snapshot(state, base.classes, base.tasks, current.model_version + 1,
+                                 ledger)
             self._snapshot = snap
         self.replacements_last_task = replaced
         if progress is not None:
@@ -524,7 +558,126 @@ class ContinualLearner:
         return TaskResult(task_id, sorted(new_classes + refined), len(labels), epochs,
                           train_accuracy, time.monotonic() - started, replaced,
                           snap.model_version, new_classes, refined,
-                          *(key_cosine or (None, None)))
+                          *(key_cosine or (None, None)), contribution=contribution)
+
+    # ------------------------------------------------------------------ fleet
+    @property
+    def fleet_ledger(self) -> FleetLedger:
+        """What of the fleet the current model holds (own exports, imports, origins)."""
+        return self._snapshot.fleet
+
+    @property
+    def feature_fingerprint(self) -> str:
+        """The fingerprint of the frozen feature the statistics are of (fleet peers must
+        share it)."""
+        if self._fingerprint is None:
+            c = self.config
+            self._fingerprint = fleet.feature_fingerprint(self.backbone, c.image_size,
+                                                          c.query_layers)
+        return self._fingerprint
+
+    def _contribution(self, export: Tuple[str, int], labels: Sequence[str], y: torch.Tensor,
+                      queries: torch.Tensor, raw: torch.Tensor) -> Contribution:
+        """The statistics of one learn_task call as a fleet contribution."""
+        names = list(dict.fromkeys(labels))
+        index = torch.tensor([names.index(label) for label in labels])
+        q = queries.double().cpu()
+        counts = torch.bincount(index, minlength=len(names))
+        means = torch.zeros(len(names), q.shape[1], dtype=torch.float64)
+        means.index_add_(0, index, q)
+        means /= counts[:, None]
+        form, scatter = fleet.compact_scatter((q - means[index]).numpy())
+        finite = raw[torch.isfinite(raw)].double()
+        return Contribution(
+            'task', export[0], int(export[1]), self.feature_fingerprint, names,
+            counts.numpy().astype(np.int64), means.numpy().astype(np.float32), form, scatter,
+            (float(finite.sum()), float((finite * finite).sum()), int(finite.numel())),
+            created=time.time())
+
+    def import_contribution(self, c: Contribution) -> Dict[str, Any]:
+        """Merge another robot's task statistics (exact); a new model version, undoable.
+
+        Classes new here become one task; classes known here are refined by them.
+
+        Raises:
+            LearnerBusyError: a task is being learned.
+            LearningError: another feature, or a contribution this model already holds.
+        """
+        with self._exclusive():
+            base = self._snapshot
+            self._check_contribution(c, base)
+            if c.tag in base.fleet.applied:
+                raise LearningError(f'contribution {c.tag} is already in the model')
+            state = copy.deepcopy(base.state)
+            new = [name for name in c.classes if name not in base.classes]
+            index = {name: i for i, name in enumerate(base.classes)}
+            task_id = None
+            if new:
+                task_id = state.add_task(trained=False)
+                index.update(zip(new, state.add_classes(len(new), task_id)))
+            state.stats.merge([index[n] for n in c.classes], c.counts.tolist(),
+                              torch.from_numpy(c.means), torch.from_numpy(
+                                  fleet.scatter_matrix(c)), c.novelty)
+            ledger = base.fleet.with_origin(c.classes, c.robot_id)
+            ledger = dataclasses.replace(ledger, applied=ledger.applied + (c.tag,))
+            tasks = base.tasks + ((tuple(new),) if new else ())
+            snap = self._swap_in(state, base.classes + tuple(new), tasks, ledger, undoable=True)
+            return {'imported': list(c.classes), 'new_classes': new, 'task_id': task_id,
+                    'from': c.robot_id, 'sequence': c.sequence,
+                    'model_version': snap.model_version}
+
+    def withdraw_contribution(self, c: Contribution) -> Dict[str, Any]:
+        """Take a merged contribution's statistics back out (its robot undid that task).
+
+        Raises:
+            LearnerBusyError: a task is being learned.
+            LearningError: the model does not hold that contribution.
+        """
+        with self._exclusive():
+            base = self._snapshot
+            self._check_contribution(c, base)
+            tag = (c.robot_id, int(c.withdraws if c.withdraws is not None else c.sequence))
+            if tag not in base.fleet.applied:
+                raise LearningError(f'contribution {tag} is not in the model')
+            state = copy.deepcopy(base.state)
+            index = {name: i for i, name in enumerate(base.classes)}
+            try:
+                state.stats.merge([index[n] for n in c.classes], c.counts.tolist(),
+                                  torch.from_numpy(c.means), torch.from_numpy(
+                                      fleet.scatter_matrix(c)), c.novelty, sign=-1)
+            except (KeyError, ValueError) as exc:
+                raise LearningError(f'cannot withdraw {tag}: {exc}') from None
+            ledger = base.fleet.with_origin(c.classes, c.robot_id, add=False)
+            ledger = dataclasses.replace(ledger, applied=tuple(
+                t for t in ledger.applied if t != tag))
+            if self._history and self._history[-1].fleet.applied == ledger.applied \
+                    and self._history[-1].fleet.exported == ledger.exported:
+                # The model from before that import: undoing to it would change nothing now.
+                self._history.pop()
+            snap = self._swap_in(state, base.classes, base.tasks, ledger, undoable=False)
+            return {'withdrawn': list(c.classes), 'from': c.robot_id, 'sequence': tag[1],
+                    'model_version': snap.model_version}
+
+    def _check_contribution(self, c: Contribution, base: _Snapshot) -> None:
+        if c.fingerprint != self.feature_fingerprint:
+            raise LearningError('statistics of another feature (backbone, weights, input size '
+                                'or query layers differ)')
+        if c.dim != base.state.stats.query_dim:
+            raise LearningError(f'statistics of {c.dim} numbers, this model has '
+                                f'{base.state.stats.query_dim}')
+
+    def _swap_in(self, state: CBPNet, classes: Tuple[str, ...],
+                 tasks: Tuple[Tuple[str, ...], ...], ledger: FleetLedger, *,
+                 undoable: bool) -> _Snapshot:
+        """Swap a changed copy of the model in as the next version."""
+        with self._swap_lock:
+            _apply_state_config(state, self.config)
+            state.prepare_inference()
+            current = self._snapshot
+            if undoable:
+                self._history = (self._history + [current])[-UNDO_DEPTH:]
+            self._snapshot = _Snapshot(state, classes, tasks, current.model_version + 1, ledger)
+            return self._snapshot
 
     @staticmethod
     def _check_labels(images: Sequence[np.ndarray], labels: Sequence[str],
@@ -607,6 +760,9 @@ class ContinualLearner:
             if not self._history:
                 raise LearningError('nothing to undo')
             previous = self._history.pop()
+            # Imports undone here must not come back when their robot shares them again.
+            self.fleet_meta['declined'] += [list(t) for t in self._snapshot.fleet.applied
+                                            if t not in previous.fleet.applied]
             state = copy.deepcopy(previous.state)
             with self._swap_lock:
                 current = self._snapshot
@@ -615,8 +771,9 @@ class ContinualLearner:
                 self._snapshot = dataclasses.replace(previous, state=state,
                                                      model_version=current.model_version + 1)
             removed = list(current.tasks[len(previous.tasks):])
+            gone = _hidden(current)
             return {'removed_task': len(previous.tasks),
-                    'removed_classes': [c for task in removed for c in task],
+                    'removed_classes': [c for task in removed for c in task if c not in gone],
                     'model_version': self._snapshot.model_version}
 
     def forget(self, label: str) -> Dict[str, Any]:
@@ -690,6 +847,7 @@ class ContinualLearner:
             'architecture': arch, 'saved_at': time.time(),
             'state_dict': {k: v.detach().cpu().clone()
                            for k, v in snap.state.state_dict().items()},
+            'fleet': {'ledger': snap.fleet.to_json(), 'meta': copy.deepcopy(self.fleet_meta)},
         }
 
     def save_checkpoint(self, directory: str) -> str:
@@ -714,7 +872,13 @@ class ContinualLearner:
             self.config = self.config.replace(**changes)
         self._snapshot = self._snapshot_from_payload(payload)
         self._history = []
+        meta = (payload.get('fleet') or {}).get('meta')
+        if meta:
+            self.fleet_meta = {'next_sequence': int(meta.get('next_sequence', 1)),
+                               'withdrawn': [list(t) for t in meta.get('withdrawn', [])],
+                               'declined': [list(t) for t in meta.get('declined', [])]}
         if changes.keys() & {'query_layers', 'image_size'}:
+            self._fingerprint = None
             self._load_runtime()  # the exported pass computes the old query
 
     def _snapshot_from_payload(self, payload: Dict[str, Any]) -> _Snapshot:
@@ -730,7 +894,9 @@ class ContinualLearner:
         state.to(self.device).eval()
         state.prepare_inference()
         tasks = tuple(tuple(t) for t in payload['tasks'])
-        return _Snapshot(state, tuple(payload['classes']), tasks, int(payload['model_version']))
+        ledger = FleetLedger.from_json((payload.get('fleet') or {}).get('ledger'))
+        return _Snapshot(state, tuple(payload['classes']), tasks, int(payload['model_version']),
+                         ledger)
 
     def load_latest_checkpoint(self, directory: str) -> Optional[str]:
         """Load the newest valid checkpoint of ``directory``, falling back to older ones.

@@ -79,6 +79,9 @@ class ModelManager:
         self.last_task: Optional[Dict[str, Any]] = None
         self.last_change: Optional[Dict[str, Any]] = None
         self.last_error = ''
+        #: The fleet side (:class:`~ros2_cbpnet.fleet_link.FleetLink` or None): told of
+        #: every learned task, undo and forget once its checkpoint is written.
+        self.fleet: Any = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -133,8 +136,10 @@ class ModelManager:
                 cancel.set()
             self._log.info(f'learning from {len(snapshot)} samples: {counts}')
             try:
+                fleet_kwargs = self.fleet.learn_kwargs() if self.fleet is not None else {}
                 result = self.learner.learn_task(list(snapshot.images), list(snapshot.labels),
-                                                 progress=self._progress, cancel=cancel)
+                                                 progress=self._progress, cancel=cancel,
+                                                 **fleet_kwargs)
             except LearningCancelled:
                 self._outcome = 'cancelled'
                 self._log.info('learning cancelled; the previous model keeps serving')
@@ -160,6 +165,8 @@ class ModelManager:
             self.last_error = ''
             reply.update(self._changed('learn', reply))
             self.last_task = reply
+            if self.fleet is not None:
+                self.fleet.learned(result)
         self._log.info(
             f"learned {result.new_classes or 'no new classes'} (task {result.task_id}), "
             f"refined {result.refined_classes or 'none'}: train accuracy "
@@ -203,6 +210,7 @@ class ModelManager:
             return False, {'error': 'a task is being learned; cancel it (~/cancel_learning) '
                                     'or wait'}
         try:
+            before = self.learner.fleet_ledger
             try:
                 result = dict(self.learner.undo_last_task())
             except LearningError as exc:
@@ -211,23 +219,46 @@ class ModelManager:
                            f"{result['removed_classes']}); model version "
                            f"{result['model_version']}")
             result.update(self._changed('undo', result))
+            if self.fleet is not None:
+                self.fleet.undone(before, self.learner.fleet_ledger)
             return True, result
         finally:
             self._model_lock.release()
 
-    def forget(self, label: str) -> Reply:
+    def forget(self, label: str, announce: bool = True) -> Reply:
         """Remove one class. While a task is being learned this waits for it (a forget
-        request is applied after it, never dropped), unless the manager is stopped."""
+        request is applied after it, never dropped), unless the manager is stopped.
+        ``announce``: tell the fleet (not when the fleet asked for it)."""
+        return self._change('forget', lambda: self.learner.forget(label),
+                            f'cannot forget {label!r}',
+                            lambda: self.fleet.forgotten(label) if announce and self.fleet
+                            is not None else None)
+
+    def import_contribution(self, contribution: Any) -> Reply:
+        """Merge another robot's contribution (waits for a task being learned)."""
+        return self._change('import', lambda: self.learner.import_contribution(contribution),
+                            f'cannot import {contribution.tag}')
+
+    def withdraw_contribution(self, contribution: Any) -> Reply:
+        """Take another robot's withdrawn contribution back out (waits like an import)."""
+        return self._change('withdraw',
+                            lambda: self.learner.withdraw_contribution(contribution),
+                            f'cannot withdraw {contribution.tag}')
+
+    def _change(self, kind: str, apply: Callable[[], Dict[str, Any]], failure: str,
+                after: Callable[[], None] = lambda: None) -> Reply:
+        """One change of the model that waits for learning, then checkpoint and on_change."""
         while not self._model_lock.acquire(timeout=0.5):
             if self._stopping.is_set():
                 return False, {'error': 'the node is shutting down'}
         try:
             try:
-                result = dict(self.learner.forget(label))
+                result = dict(apply())
             except LearningError as exc:
-                return False, {'error': f'cannot forget {label!r}: {exc}'}
-            self._log.info(f'forgot {label!r}; model version {result["model_version"]}')
-            result.update(self._changed('forget', result))
+                return False, {'error': f'{failure}: {exc}'}
+            self._log.info(f'{kind}: {result}')
+            result.update(self._changed(kind, result))
+            after()
             return True, result
         finally:
             self._model_lock.release()

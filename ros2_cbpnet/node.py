@@ -67,6 +67,7 @@ from std_srvs.srv import Trigger
 from . import checkpoint as ckpt
 from .camera_input import CameraInput
 from .image_codec import ImageRejected, compressed_msg_to_rgb, draw_label, image_msg_to_rgb
+from .fleet_link import FleetLink
 from .image_resize import resize_image
 from .inference_worker import InferenceWorker
 from .learner import ARCH_FIELDS, ContinualLearner, LearnerConfig, Prediction, Progress
@@ -211,6 +212,14 @@ class CBPNetNode(Node):
         self._model = ModelManager(self.learner, self.buffer, self._checkpoint_dir,
                                    self.get_logger(), on_change=self._publish_model,
                                    on_progress=self._publish_progress)
+        v = self._values
+        self._fleet = FleetLink(
+            self, self._model, robot_id=v['robot_id'].strip() or self.get_fully_qualified_name(),
+            topic=v['fleet_topic'], export=v['fleet_export'], import_=v['fleet_import'],
+            peers=v['fleet_peers'], max_bytes=v['fleet_max_bytes'],
+            directory=os.path.join(self._checkpoint_dir, 'fleet') if self._checkpoint_dir
+            else '')
+        self._model.fleet = self._fleet
         self._worker = InferenceWorker(self._process, self._stats, self.get_logger(),
                                        is_stopping=lambda: not self.context.ok())
         self._vision, why = load_vision_msgs()
@@ -319,7 +328,8 @@ class CBPNetNode(Node):
         service_group = MutuallyExclusiveCallbackGroup()
         for name, callback in (('~/undo_last_task', self._on_undo_last_task),
                                ('~/clear_buffer', self._on_clear_buffer),
-                               ('~/save', self._on_save)):
+                               ('~/save', self._on_save),
+                               ('~/share_classes', self._on_share_classes)):
             self.create_service(Trigger, name, callback, callback_group=service_group)
 
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -395,6 +405,8 @@ class CBPNetNode(Node):
                                              new['max_buffer_samples'])
             if dropped:
                 self.get_logger().warning(f'new buffer limits dropped {dropped} samples')
+        if 'fleet_peers' in changed:
+            self._fleet.peers = list(new['fleet_peers'])
         if 'diagnostics_period_s' in changed:
             # Changed in place: destroying a timer while the executor waits on it can make
             # the executor raise InvalidHandle.
@@ -604,12 +616,22 @@ class CBPNetNode(Node):
         finally:
             _release_memory()  # the serialised copy of the model
 
+    @_guarded_service('share_classes')
+    def _on_share_classes(self, request: Trigger.Request, response: Trigger.Response
+                          ) -> Trigger.Response:
+        if not self._fleet.export:
+            return _answer(response, False, {'error': 'fleet_export is off'})
+        published, size = self._fleet.share()
+        return _answer(response, True, {'published': published, 'bytes': size})
+
     # ----------------------------------------------------------------- outputs
     def _publish_model(self) -> None:
         """Publish what describes the current model: ``~/labels``, the ``class_labels``
         parameter and ``~/vision_info`` (at start and after every change)."""
+        classes = self.learner.classes
+        origins = self.learner.fleet_ledger.origin_map()
         labels = {'model_version': self.learner.model_version, 'tasks': self.learner.tasks,
-                  'classes': self.learner.classes}
+                  'classes': classes, 'origins': {c: origins.get(c, []) for c in classes}}
         self._labels_pub.publish(String(data=json.dumps(labels)))
         self._writing_labels.active = True
         try:
@@ -663,7 +685,8 @@ class CBPNetNode(Node):
                             'runtime': learner.runtime[0], 'provider': learner.runtime[1],
                             'runtime_note': learner.runtime_note}),
                 self._diag.learner(learner, self.buffer, self._stats, facts),
-                self._diag.cbp(learner), self._diag.prompts(learner, self._stats)]
+                self._diag.cbp(learner), self._diag.prompts(learner, self._stats),
+                self._diag.fleet(self._fleet.status_values())]
             self._diagnostics_pub.publish(array)
         except Exception as exc:  # noqa: BLE001 - diagnostics must never take the node down
             self.get_logger().error(f'diagnostics failed: {exc}', throttle_duration_sec=10.0)

@@ -1,4 +1,4 @@
-"""The node's counters and its four ``/diagnostics`` statuses.
+"""The node's counters and its five ``/diagnostics`` statuses.
 
 Status names follow diagnostic_updater: ``"<node name>: <task>"``, where the node name is
 its fully qualified name without the leading slash (``cbpnet`` by default,
@@ -14,6 +14,8 @@ names the node, its host and its device. Values are strings (lists and dicts as 
   WARN until a task is learned and after a failed ``learn_task``.
 - ``cbp block``: the learner's ``cbp_stats()``.
 - ``prompts``: how often each E-prompt was selected.
+- ``fleet``: contributions exported, imported, withdrawn and refused (per reason), peers
+  seen (:mod:`ros2_cbpnet.fleet_link`).
 
 The status builders are plain functions of the facts the node gathers, so their levels are
 tested without a node.
@@ -247,6 +249,14 @@ class StatusBuilder:
         else:
             message = 'not in use (prediction: stats)'
         return self.status('cbp block', OK, message, stats)
+
+    def fleet(self, values: Dict[str, Any]) -> DiagnosticStatus:
+        """The ``fleet`` status: what this robot shared and merged, and what it refused."""
+        if not values['export'] and not values['import']:
+            return self.status('fleet', OK, 'off (fleet_export and fleet_import false)', values)
+        message = (f"exported {values['exported']}, imported {values['imported']}, "
+                   f"withdrawn {values['withdrawn']}, refused {values['refused']}")
+        return self.status('fleet', WARN if values['failed'] else OK, message, values)
 
     def prompts(self, learner: Any, stats: NodeStats) -> DiagnosticStatus:
         """The ``prompts`` status: frames per selected E-prompt since start."""

@@ -82,6 +82,12 @@ DEFAULTS: Dict[str, Any] = {
     'checkpoint_dir': '~/.ros/cbpnet',
     'diagnostics_period_s': 1.0,
     'publish_vision_msgs': True,
+    'fleet_export': False,
+    'fleet_import': False,
+    'fleet_topic': '/cbpnet_fleet/classes',
+    'fleet_peers': [],
+    'robot_id': '',
+    'fleet_max_bytes': 64 * 2 ** 20,
 }
 
 
@@ -227,6 +233,19 @@ PARAMETERS: Dict[str, ParamSpec] = {
                                 **_RO),
     'diagnostics_period_s': ParamSpec(_T.PARAMETER_DOUBLE, 'period of /diagnostics', 0.01,
                                       3600.0),
+    # --- fleet (README, "Fleet")
+    'fleet_export': ParamSpec(_T.PARAMETER_BOOL, "publish this robot's class statistics on "
+                              'fleet_topic after each learned task, undo and forget', **_RO),
+    'fleet_import': ParamSpec(_T.PARAMETER_BOOL, "merge other robots' class statistics of the "
+                              'same feature from fleet_topic', **_RO),
+    'fleet_topic': ParamSpec(_T.PARAMETER_STRING, 'absolute topic the fleet shares (reliable, '
+                             'transient-local)', **_RO),
+    'fleet_peers': ParamSpec(_T.PARAMETER_STRING_ARRAY, 'robot ids accepted; empty = any robot '
+                             'with the same feature'),
+    'robot_id': ParamSpec(_T.PARAMETER_STRING, "this robot's id in the fleet; empty = the "
+                          "node's fully qualified name", **_RO),
+    'fleet_max_bytes': ParamSpec(_T.PARAMETER_INTEGER, 'largest contribution accepted',
+                                 1024, 2 ** 31 - 1, **_RO),
 }
 assert set(PARAMETERS) == set(DEFAULTS), set(PARAMETERS) ^ set(DEFAULTS)
 
@@ -270,6 +289,11 @@ def check_parameters(values: Dict[str, Any]) -> LearnerConfig:
         validate_label(values['unknown_label'])
     except ValueError as exc:
         raise ValueError(f'unknown_label: {exc}') from exc
+    if not values['fleet_topic'].startswith('/') or ' ' in values['fleet_topic']:
+        raise ValueError(f"fleet_topic must be an absolute topic name, not "
+                         f"{values['fleet_topic']!r}")
+    if any(not isinstance(p, str) or not p.strip() for p in values['fleet_peers']):
+        raise ValueError(f"fleet_peers holds an empty robot id: {values['fleet_peers']}")
     if values['unknown_threshold'] < 0 or not math.isfinite(values['unknown_threshold']):
         raise ValueError('unknown_threshold must be >= 0 (0 = never say unknown)')
     config = LearnerConfig(**{name: values[name] for name in LEARNER_PARAMS})
@@ -321,6 +345,11 @@ def declare_parameters(node: Node) -> Dict[str, Any]:
     """Declare every parameter of :data:`PARAMETERS` on ``node`` (descriptions, ranges,
     read-only flags) and return their values (overrides applied).
 
+    A list parameter left empty holds a typed empty list, so ``ros2 param get`` and ``ros2
+    param dump`` read it (rclpy has no type for a bare ``[]``: declared the usual way it stays
+    "not set", and one unset name makes ``get_parameters`` answer nothing for the whole
+    request). Call before any parameter callback is added.
+
     Raises:
         ConfigError: an override of the wrong type or out of range.
     """
@@ -328,10 +357,11 @@ def declare_parameters(node: Node) -> Dict[str, Any]:
     for name, spec in PARAMETERS.items():
         descriptor = _descriptor(name, spec)
         default = DEFAULTS[name]
+        empty_list = spec.type in _ARRAY_TYPES and not default
         try:
-            if spec.type in _ARRAY_TYPES and not default:
-                # An empty list has no element type for rclpy to infer; YAML `[]` also
-                # arrives as "not set", which reads back as the empty default.
+            if empty_list:
+                # Writable while its typed empty value is set; read-only again after.
+                descriptor.read_only = False
                 node.declare_parameter(name, _ARRAY_TYPES[spec.type], descriptor)
             else:
                 node.declare_parameter(name, default, descriptor)
@@ -349,6 +379,9 @@ def declare_parameters(node: Node) -> Dict[str, Any]:
             if spec.type not in _ARRAY_TYPES:
                 raise ConfigError(f'parameter {name} has no value (null in the YAML?)')
             value = []
+            node.set_parameters([Parameter(name, _ARRAY_TYPES[spec.type], [])])
+        if empty_list and spec.read_only:
+            node.set_descriptor(name, _descriptor(name, spec))
         values[name] = plain_value(value)
     return values
 

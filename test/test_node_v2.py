@@ -147,12 +147,12 @@ class Held:
 # ------------------------------------------------------------------------------ statuses
 def test_status_names_carry_the_node_name_and_namespace(harness):
     array = harness.client.wait_for_diagnostics(
-        lambda a: sum(s.name.startswith(f'{PREFIX}: ') for s in a.status) == 4,
+        lambda a: sum(s.name.startswith(f'{PREFIX}: ') for s in a.status) == 5,
         30, prefix=f'{PREFIX}:')
     assert array is not None
     ours = [s for s in array.status if s.name.startswith(f'{PREFIX}: ')]
     assert sorted(s.name for s in ours) == [f'{PREFIX}: {t}' for t in (
-        'cbp block', 'inference', 'learner', 'prompts')]
+        'cbp block', 'fleet', 'inference', 'learner', 'prompts')]
     assert {s.hardware_id.split('@')[0] for s in ours} == {'/v2/cbpnet'}
 
 

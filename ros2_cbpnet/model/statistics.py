@@ -23,7 +23,7 @@ nor depends on the order in which classes arrive:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -115,6 +115,54 @@ class ClassStatistics(nn.Module):
             self.query_scatter += scatter
             self.query_mean[c] = mean_new
             self.class_count[c] = n
+        self.invalidate()
+
+    @torch.no_grad()
+    def merge(self, class_ids: Sequence[int], counts: Sequence[int], means: torch.Tensor,
+              scatter: torch.Tensor, novelty: Tuple[float, float, int] = (0.0, 0.0, 0),
+              sign: int = 1) -> None:
+        """Merge (``sign=1``) or take back out (``sign=-1``) statistics computed elsewhere:
+        per class a count and a mean, and the scatter of those samples about their class
+        means (D x D, summed over the classes), as another robot's :meth:`add` made them.
+
+        Exact both ways (Chan et al.'s pairwise update and its inverse), so merging and then
+        removing a contribution restores the statistics up to rounding. Removing more
+        samples than a class has is an error.
+
+        Raises:
+            ValueError: shapes that do not fit, or a removal larger than a class.
+        """
+        if means.shape != (len(class_ids), self.query_dim) or \
+                scatter.shape != (self.query_dim, self.query_dim):
+            raise ValueError('statistics of another feature size')
+        dtype = torch.float64
+        total = scatter.to(self.query_scatter.device, dtype)
+        for c, n_part, mean_part in zip(class_ids, counts, means.to(dtype)):
+            n_part, n_here = int(n_part), int(self.class_count[c])
+            mean_here = self.query_mean[c].to(dtype)
+            mean_part = mean_part.to(mean_here.device)
+            if sign > 0:
+                n = n_here + n_part
+                delta = mean_part - mean_here
+                if n_here:
+                    total = total + (n_here * n_part / n) * torch.outer(delta, delta)
+                mean = mean_here + delta * (n_part / n)
+            else:
+                n = n_here - n_part
+                if n < 0:
+                    raise ValueError(f'class {c} has {n_here} samples, not {n_part}')
+                mean = (n_here * mean_here - n_part * mean_part) / n if n else \
+                    torch.zeros_like(mean_here)
+                if n:
+                    delta = mean_part - mean
+                    total = total + (n * n_part / n_here) * torch.outer(delta, delta)
+            self.query_mean[c] = mean.to(self.query_mean.dtype)
+            self.class_count[c] = n
+        self.query_scatter += float(sign) * total.to(self.query_scatter.dtype)
+        s, sq, k = novelty
+        self.novelty_sum += sign * float(s)
+        self.novelty_sum_sq += sign * float(sq)
+        self.novelty_count += sign * int(k)
         self.invalidate()
 
     def _merge_features(self, c: int, f: torch.Tensor, n_old: int) -> None:
