@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ros2_cbpnet-installed
+# colcon (PyPI colcon-common-extensions) lives in a venv of its own: it pins setuptools<80,
+# which the project's venv must not get. A .pth lets that venv's Python import the project's
+# packages, so the executables colcon installs (their shebang names that Python) run.
+COLCON_VENV := .venv-colcon
+COLCON_STAMP := $(COLCON_VENV)/.ros2_cbpnet-colcon
 DATASET ?= digits
 PYTEST_ARGS ?=
 # DDS stays on this machine (see README, "Network"), in ROS domains locked for the run by
@@ -15,7 +20,7 @@ ROS_ENV := ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST \
 IN_DOMAIN := $(PY) scripts/ros_domain.py --
 IN_DOMAIN_OR_ENV := $(PY) scripts/ros_domain.py --keep-env --
 
-.PHONY: install test test-fast fashion-mnist demo eval bench soak clean
+.PHONY: install colcon-tools test test-fast fashion-mnist demo eval bench soak clean
 
 install: $(STAMP)
 
@@ -24,10 +29,21 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
+	@touch $(VENV)/COLCON_IGNORE  # a colcon workspace holding this checkout skips the venv
 	@touch $(STAMP)
 	@echo "ros2_cbpnet: environment ready in $(VENV)"
 
-test: install
+colcon-tools: $(COLCON_STAMP)
+
+$(COLCON_STAMP): $(STAMP)
+	@test -x $(COLCON_VENV)/bin/python || $(PY) -m venv $(COLCON_VENV)
+	$(COLCON_VENV)/bin/python -m pip install -q colcon-common-extensions
+	$(PY) -c 'import site; print(site.getsitepackages()[0])' > "$$($(COLCON_VENV)/bin/python \
+		-c 'import site; print(site.getsitepackages()[0])')/zz-ros2-cbpnet-venv.pth"
+	@touch $(COLCON_VENV)/COLCON_IGNORE $(COLCON_STAMP)
+	@echo "ros2_cbpnet: colcon ready in $(COLCON_VENV)"
+
+test: install colcon-tools
 	$(ROS_ENV) $(IN_DOMAIN) $(PY) -m pytest test $(PYTEST_ARGS)
 
 test-fast: install
@@ -55,4 +71,4 @@ soak: install
 	$(ROS_ENV) $(IN_DOMAIN_OR_ENV) $(PY) scripts/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build install log *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COLCON_VENV) build install log *.egg-info .pytest_cache

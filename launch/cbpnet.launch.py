@@ -2,7 +2,8 @@
 
     ros2 launch ros2_cbpnet cbpnet.launch.py [config:=FILE] [namespace:=NS]
         [image_topic:=TOPIC] [image_qos:=sensor_data|reliable] [log_level:=LEVEL]
-        [backbone:=NAME] [device:=auto|cpu|cuda]
+        [backbone:=NAME] [device:=auto|cpu|cuda] [checkpoint_dir:=DIR]
+        [recipe:=custom|paper]
 
 - ``config``: a parameters YAML, default the package's config/cbpnet.yaml. A path that does
   not exist stops the launch with an error (ros2 launch would otherwise only warn and start
@@ -16,7 +17,8 @@
   camera on another machine. A reliable subscriber receives nothing from a best-effort
   publisher. Empty: the config's value.
 - ``log_level``: the node's log level (debug, info, warn, error, fatal).
-- ``backbone``, ``device``: overrides of those parameters; empty keeps the config's value.
+- ``backbone``, ``device``, ``checkpoint_dir``, ``recipe``: overrides of those parameters;
+  empty keeps the config's value (so the checkpoints can move without copying the YAML).
 
 Works with ROS 2 Humble and later.
 """
@@ -43,7 +45,8 @@ def _cbpnet_node(context, *args, **kwargs):
         raise ConfigFileNotFound(
             f"cbpnet.launch.py: config:='{config}' is not a file; give the path of a "
             "parameters YAML (the package's own is config/cbpnet.yaml in its share directory)")
-    overrides = {name: arg(name) for name in ('image_qos', 'backbone', 'device') if arg(name)}
+    overrides = {name: arg(name) for name in ('image_qos', 'backbone', 'device',
+                                              'checkpoint_dir', 'recipe') if arg(name)}
     parameters = [config] + ([overrides] if overrides else [])  # later entries win
     image_topic = arg('image_topic')
     return [Node(
@@ -84,5 +87,11 @@ def generate_launch_description():
                               description='timm backbone name; overrides the config when set'),
         DeclareLaunchArgument('device', default_value='',
                               description='auto, cpu or cuda; overrides the config when set'),
+        DeclareLaunchArgument('checkpoint_dir', default_value='',
+                              description='where checkpoints are kept; overrides the config '
+                                          'when set'),
+        DeclareLaunchArgument('recipe', default_value='', choices=['', 'custom', 'paper'],
+                              description='paper = the published CBPNet; overrides the config '
+                                          'when set'),
         OpaqueFunction(function=_cbpnet_node),
     ])

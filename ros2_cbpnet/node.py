@@ -77,7 +77,8 @@ from .node_diagnostics import (BAD_LABEL, LearnerFacts, NodeStats, StatusBuilder
                                status_prefix)
 from .node_parameters import (CLASS_LABELS_PARAMETER, DEFAULTS, LEARNER_PARAMS, PARAMETERS,
                               ConfigError, check_parameters, declare_class_labels,
-                              declare_parameters, plain_value, recipe_conflict, recipe_fixes)
+                              declare_parameters, plain_value, recipe_conflict, recipe_fixes,
+                              seal_parameters, set_node_parameter)
 from .ros_logging import forward_package_logs, stop_forwarding
 from .sample_buffer import MAX_LABEL_LENGTH, SampleBuffer, validate_label
 from .teaching import TeachSession
@@ -200,9 +201,12 @@ class CBPNetNode(Node):
         except ValueError as exc:
             raise ConfigError(f'invalid parameter: {exc}') from exc
         self._write_recipe_values()
+        self.get_logger().debug('parameters: ' + ', '.join(
+            f'{k}={v}' for k, v in sorted(self._values.items())))
         directory = self._values['checkpoint_dir'].strip()
         self._checkpoint_dir = os.path.abspath(os.path.expanduser(directory)) if directory else ''
         loaded = self._create_learner(config)
+        seal_parameters(self)
         self.buffer = SampleBuffer(self._values['max_samples_per_class'],
                                    self._values['max_buffer_samples'],
                                    image_size=self.learner.config.image_size)
@@ -277,7 +281,10 @@ class CBPNetNode(Node):
             want, have = getattr(config, name), getattr(self.learner.config, name)
             if want and want != have:  # empty/0 = family or backbone default
                 self.get_logger().warning(
-                    f'{name} is {have} (from the loaded checkpoint), not the configured {want}')
+                    f'{name} is {have} (from the loaded checkpoint), not the configured {want}'
+                    '; the parameter now says so')
+                set_node_parameter(self, name, have)
+                self._values[name] = plain_value(have)
         return loaded
 
     def _incompatible_message(self, exc: Exception) -> str:
@@ -488,6 +495,8 @@ class CBPNetNode(Node):
         dropped = self.buffer.add(rgb, label)
         with self._stats.lock:
             self._stats.labelled_accepted += 1
+        self.get_logger().debug(f'buffered a labelled image of {label!r} ({len(self.buffer)} '
+                                'in the buffer)', throttle_duration_sec=1.0)
         if dropped:
             self.get_logger().warning(
                 f'sample buffer full: dropped {dropped} oldest sample(s) (limits '
@@ -538,8 +547,14 @@ class CBPNetNode(Node):
             self._maybe_teach(frame.rgb, now)
         if not frames or not self.learner.classes:
             return
+        started = time.monotonic()
         predictions = self.learner.predict([f.rgb for f in frames],
                                            top_k=self._values['top_k'])
+        self.get_logger().debug(
+            f'classified {len(frames)} frame(s) in {(time.monotonic() - started) * 1e3:.1f} ms '
+            f'({predictions[0].runtime}): ' + ', '.join(
+                f'{f.topic} -> {p.label} {p.score:.2f}' for f, p in zip(frames, predictions)),
+            throttle_duration_sec=1.0)
         want_debug = self._debug_pub.get_subscription_count() > 0
         vision = self._classification_pub if self._values['publish_vision_msgs'] else None
         for frame, pred in zip(frames, predictions):

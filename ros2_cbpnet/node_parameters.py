@@ -26,7 +26,7 @@ from .sample_buffer import validate_label
 __all__ = ['CLASS_LABELS_PARAMETER', 'ConfigError', 'DEFAULTS', 'LEARNER_PARAMS',
            'NODE_DEFAULT_OVERRIDES', 'NOT_EXPOSED', 'PARAMETERS', 'ParamSpec', 'QOS_CHOICES',
            'check_parameters', 'declare_class_labels', 'declare_parameters', 'plain_value',
-           'recipe_conflict', 'recipe_fixes']
+           'recipe_conflict', 'recipe_fixes', 'seal_parameters', 'set_node_parameter']
 
 QOS_CHOICES = ('sensor_data', 'reliable')
 
@@ -342,8 +342,10 @@ def _descriptor(name: str, spec: ParamSpec) -> ParameterDescriptor:
 
 
 def declare_parameters(node: Node) -> Dict[str, Any]:
-    """Declare every parameter of :data:`PARAMETERS` on ``node`` (descriptions, ranges,
-    read-only flags) and return their values (overrides applied).
+    """Declare every parameter of :data:`PARAMETERS` on ``node`` (descriptions, ranges) and
+    return their values (overrides applied). Read-only parameters stay writable by the node
+    until :func:`seal_parameters`, so it can write the values it really uses first (a
+    recipe's fields, a layout a checkpoint imposes: :func:`set_node_parameter`).
 
     A list parameter left empty holds a typed empty list, so ``ros2 param get`` and ``ros2
     param dump`` read it (rclpy has no type for a bare ``[]``: declared the usual way it stays
@@ -356,12 +358,10 @@ def declare_parameters(node: Node) -> Dict[str, Any]:
     values: Dict[str, Any] = {}
     for name, spec in PARAMETERS.items():
         descriptor = _descriptor(name, spec)
+        descriptor.read_only = False
         default = DEFAULTS[name]
-        empty_list = spec.type in _ARRAY_TYPES and not default
         try:
-            if empty_list:
-                # Writable while its typed empty value is set; read-only again after.
-                descriptor.read_only = False
+            if spec.type in _ARRAY_TYPES and not default:
                 node.declare_parameter(name, _ARRAY_TYPES[spec.type], descriptor)
             else:
                 node.declare_parameter(name, default, descriptor)
@@ -380,10 +380,24 @@ def declare_parameters(node: Node) -> Dict[str, Any]:
                 raise ConfigError(f'parameter {name} has no value (null in the YAML?)')
             value = []
             node.set_parameters([Parameter(name, _ARRAY_TYPES[spec.type], [])])
-        if empty_list and spec.read_only:
-            node.set_descriptor(name, _descriptor(name, spec))
         values[name] = plain_value(value)
     return values
+
+
+def set_node_parameter(node: Node, name: str, value: Any) -> None:
+    """Give a parameter the value the node really uses (before :func:`seal_parameters`)."""
+    kind = _ARRAY_TYPES.get(PARAMETERS[name].type)
+    result = node.set_parameters([Parameter(name, kind, list(value)) if kind else
+                                  Parameter(name, value=value)])[0]
+    if not result.successful:
+        raise ConfigError(f'could not set {name}: {result.reason}')
+
+
+def seal_parameters(node: Node) -> None:
+    """Make the read-only parameters read-only (after the node wrote what it uses)."""
+    for name, spec in PARAMETERS.items():
+        if spec.read_only:
+            node.set_descriptor(name, _descriptor(name, spec))
 
 
 def declare_class_labels(node: Node) -> None:

@@ -31,7 +31,7 @@ LAUNCH_FILE = ROOT / 'launch' / 'cbpnet.launch.py'
 CONFIGS = sorted((ROOT / 'config').glob('*.yaml'))
 #: The launch arguments docs/interface.md promises, and those the README documents.
 LAUNCH_ARGUMENTS = {'config', 'namespace', 'image_topic', 'backbone', 'device', 'image_qos',
-                    'log_level'}
+                    'log_level', 'checkpoint_dir', 'recipe'}
 PACKAGE = 'ros2_cbpnet'
 
 
@@ -257,16 +257,18 @@ def test_launch_arguments_reach_the_node(monkeypatch, prefix, tmp_path):
     config_file.write_text(yaml.safe_dump({'/**/cbpnet': {'ros__parameters': config}}))
     arguments = dict(config=str(config_file), namespace='robot1',
                      image_topic='/front/image_raw/compressed',
-                     backbone='vit_small_patch16_224', device='cpu')
+                     backbone='vit_small_patch16_224', device='cpu',
+                     checkpoint_dir=str(tmp_path / 'moved'), recipe='paper')
     launched = _launch(monkeypatch, prefix, tmp_path, **arguments)
     node = _the_node(launched)
     assert node.namespace == '/robot1' and node.node_name == 'cbpnet'
     params, _, _, topics = effective(node)
     assert topics == ['/front/image_raw/compressed']
     assert params['backbone'] == 'vit_small_patch16_224' and params['device'] == 'cpu'
+    assert params['checkpoint_dir'] == str(tmp_path / 'moved') and params['recipe'] == 'paper'
     assert params['top_k'] == 3  # the rest comes from the given config
     unchanged = {k: v for k, v in params.items()
-                 if k not in ('backbone', 'device', 'image_topics')}
+                 if k not in ('backbone', 'device', 'image_topics', 'checkpoint_dir', 'recipe')}
     assert unchanged == {k: v for k, v in config.items() if k in unchanged}
     API.check_parameters(dict(params, backbone=DEFAULTS['backbone']))
 
@@ -330,7 +332,10 @@ def test_the_launched_command_line_starts_the_node_as_asked(monkeypatch, prefix,
         # The camera subscription is on the topic asked for, after rcl's remapping.
         assert topics == [camera]
         assert wait_until(lambda: client.count_subscribers(camera) == 1, 60), read_log(proc)
-        assert wait_until(lambda: '[DEBUG]' in read_log(proc, 100000), 30), read_log(proc)
+        # log_level:=debug reaches the node's own logger, not only rcl's.
+        assert wait_until(lambda: any('[DEBUG]' in line and f'{ns}.cbpnet]: parameters:' in
+                                      line for line in read_log(proc, 100000).splitlines()),
+                          30), read_log(proc)
 
 
 # ------------------------------------------------------------------------------ install

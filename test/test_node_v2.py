@@ -584,3 +584,37 @@ def test_a_dead_inference_thread_is_an_error(bare):
     finally:
         threading.excepthook = previous
     assert not node._worker.alive
+
+
+def test_parameter_dump_answers_every_parameter_and_a_checkpoint_layout_reads_back(tmp_path):
+    """What `ros2 param dump` does (list_parameters, then get_parameters of every name) gets
+    a value for every declared parameter, empty lists included; a layout parameter that a
+    loaded checkpoint overrules reads back the value in use, not the configured one."""
+    from rcl_interfaces.msg import ParameterType
+    from rcl_interfaces.srv import GetParameters, ListParameters
+
+    from ros2_cbpnet.node_parameters import PARAMETERS
+    with node_in_process(params(checkpoint_dir=str(tmp_path), prediction='stats'),
+                         namespace='/dump') as h:
+        c = h.client
+        teach(c, RED, 3, 'red', 40)
+        teach(c, BLUE, 3, 'blue', 41)
+        status(c, 'learner', lambda level, v: int(v['buffer_samples']) == 6,
+               prefix='dump/cbpnet')
+        assert learn(c)[0]
+        listed = c.result(c.call_async(ListParameters, '~/list_parameters'), 30).result.names
+        request = GetParameters.Request()
+        request.names = list(listed)
+        values = c.result(c.call_async(GetParameters, '~/get_parameters', request), 30).values
+        assert set(PARAMETERS) <= set(listed)
+        assert len(values) == len(listed)
+        unset = [n for n, v in zip(listed, values) if v.type == ParameterType.PARAMETER_NOT_SET]
+        assert not unset, unset
+        assert c.get_parameters(['query_layers', 'fleet_peers']) == {
+            'query_layers': [], 'fleet_peers': []}
+    with node_in_process(params(checkpoint_dir=str(tmp_path), prediction='stats',
+                                cbp_hidden_units=32), namespace='/dump') as h:
+        assert h.node.learner.config.cbp_hidden_units == 64  # the checkpoint's layout
+        assert h.client.get_parameters(['cbp_hidden_units']) == {'cbp_hidden_units': 64}
+        refused = h.client.set_parameters({'cbp_hidden_units': 32})[0]
+        assert not refused.successful and 'read-only' in refused.reason
