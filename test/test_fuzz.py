@@ -1,4 +1,4 @@
-"""Fuzz the real node (in-process, real DDS on loopback) with >1,000 malformed messages.
+"""Fuzz the real node (in-process, real DDS on loopback) with >= 900 malformed messages.
 
 Every one of the five inputs gets randomly malformed messages from a seeded generator:
 camera ``Image`` and ``CompressedImage`` topics, ``~/labelled_images`` (raw and compressed)
@@ -8,13 +8,14 @@ expected counters are known exactly. Afterwards the node must be alive, still cl
 frames correctly, hold no bad sample in its buffer, and its diagnostics must account for
 every message:
 
-- phase A (>= 1,000 messages, all inputs mixed): sent in rounds with at most one frame per
+- phase A (>= 800 messages, all inputs mixed): sent in rounds with at most one frame per
   camera topic, the next round only once the node has counted the previous one. Nothing can
   be replaced in the latest-frame-only camera slot, so every counter is exact: total
   ``rejected``, ``rejected_<reason>`` and ``rejected_camera|labelled|teach``, and
   ``dropped_frames`` stays 0. A few good labelled images ride along and must all be accepted.
-- phase B (camera bursts): five bad frames per camera topic back to back. Some are replaced
-  before the inference thread sees them, so for cameras ``rejected + dropped == sent``.
+- phase B (camera bursts, 100 messages): ten rounds of five bad frames per camera topic back
+  to back. Some are replaced before the inference thread sees them, so for cameras
+  ``rejected + dropped == sent``.
 
 Labels that are not valid UTF-8 cannot be built from rclpy strings, so those messages are
 serialised with a placeholder label and the placeholder's bytes are replaced in the CDR
@@ -45,6 +46,10 @@ pytestmark = [pytest.mark.ros]  # ~15 s: part of the fast set too
 
 SEED = 20240611
 PHASE_A_MESSAGES = 800
+#: Phase B: rounds of BURST_FRAMES bad frames on each of the two camera topics.
+BURST_ROUNDS, BURST_FRAMES = 10, 5
+#: What the module docstring promises: phase A plus the bursts.
+MIN_MALFORMED = PHASE_A_MESSAGES + BURST_ROUNDS * 2 * BURST_FRAMES
 CAM_RAW = '/cbpnet_fuzz/cam0/image_raw'
 CAM_Z = '/cbpnet_fuzz/cam1/image_raw/compressed'
 LABELLED = '~/labelled_images'
@@ -402,10 +407,10 @@ def test_fuzz_every_input_counts_every_bad_message(harness, capfd):
     # ---------------------------------------------------------------- phase B: bursts
     burst_sent = collections.Counter()
     burst_reasons = collections.Counter()
-    for _ in range(10):
+    for _ in range(BURST_ROUNDS):
         out = []
         for name in ('camera_raw', 'camera_compressed'):
-            for _ in range(5):  # == the camera subscription depth: nothing lost in DDS
+            for _ in range(BURST_FRAMES):  # == the camera subscription depth: none lost
                 msg, reason = fuzz.message(name)
                 assert offline_reason(name, msg) == reason
                 out.append((name, msg))
@@ -418,6 +423,12 @@ def test_fuzz_every_input_counts_every_bad_message(harness, capfd):
         wait_counts(node, {'camera': base['camera'] + by_kind['camera']
                            + sum(burst_sent.values())})
     total_bad = sum(sent.values()) + sum(burst_sent.values())
+    # The counts the docstring states: phase A stops in the round that reaches
+    # PHASE_A_MESSAGES (at most 2 camera + 7 other messages a round), phase B is exact.
+    assert PHASE_A_MESSAGES <= sum(sent.values()) < PHASE_A_MESSAGES + 9, sent
+    assert burst_sent == {'camera_raw': BURST_ROUNDS * BURST_FRAMES,
+                          'camera_compressed': BURST_ROUNDS * BURST_FRAMES}, burst_sent
+    assert total_bad >= MIN_MALFORMED and f'>= {MIN_MALFORMED:,} malformed' in __doc__
     values = inference_values(c, lambda v: int(v['rejected']) + int(v['dropped_frames']) - (
         before['rejected'] + before['dropped_frames']) == total_bad)
     camera_sent = sent['camera_raw'] + sent['camera_compressed'] + sum(burst_sent.values())

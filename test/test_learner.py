@@ -1,6 +1,7 @@
 """The continual learner with the embedded pretrained backbone, and its checkpoints."""
 import os
 import pickle
+import re
 import threading
 import time
 
@@ -243,7 +244,9 @@ def test_predict_before_any_task_raises(backbone):
     ('image_size', 5), ('precision', 'int8'),
 ])
 def test_invalid_config_is_refused_with_the_field_named(field, value):
-    with pytest.raises(ValueError, match=field.split('_')[0]):
+    # The whole name, as the message starts with it ("cbp" alone would match either cbp
+    # field's message).
+    with pytest.raises(ValueError, match=rf'^{re.escape(field)} must '):
         LearnerConfig(**{field: value}).validate()
 
 

@@ -17,7 +17,9 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from ros2_cbpnet.node import DEFAULTS, PARAMETERS, ConfigError, CBPNetNode
-from ros_helpers import LATCHED, noisy_images, node_in_process, ros_context, wait_until
+from ros2_cbpnet.vision_msgs_bridge import load_vision_msgs
+from ros_helpers import (LATCHED, diagnostic_status, noisy_images, node_in_process, ros_context,
+                         wait_until)
 
 pytestmark = [pytest.mark.ros]
 
@@ -57,6 +59,39 @@ def buffer_count(client, expected, timeout=30.0):
     """Wait until the learner status reports ``expected`` buffered samples."""
     return status(client, 'cbpnet: learner',
                   lambda level, v: int(v['buffer_samples']) == expected, timeout)
+
+
+def camera_settled(client, before=None, sent=0, timeout=30.0):
+    """The first DiagnosticArray (from now on) in which the node has finished with every
+    camera frame it received (classified, replaced before inference, or rejected), and
+
+    - ``before`` (an inference status's values) given: has received exactly ``sent`` frames
+      more than then;
+    - else: has received none for half a second (a baseline: a frame that an earlier test
+      published again is not still on its way).
+    """
+    inference = client.status_name('cbpnet: inference')
+
+    def done(array):
+        found = diagnostic_status(array, inference)
+        if found is None:
+            return False
+        v = found[1]
+        received = int(v['frames_received'])
+        if int(v['frames_processed']) + int(v['dropped_frames']) + int(
+                v['rejected_camera']) != received:
+            return False
+        if before is None:
+            return not 0.0 <= float(v['seconds_since_frame']) < 0.5
+        return received == int(before['frames_received']) + sent
+    array = client.wait_for_diagnostics(done, timeout)
+    assert array is not None, 'the node never settled at the expected camera frame count'
+    return array
+
+
+def statuses_of(array):
+    """``{name: (level, values)}`` of the node's statuses in a DiagnosticArray."""
+    return {name: diagnostic_status(array, name) for name in EXPECTED_STATUSES}
 
 
 def classify(client, topic, rgb, frame_id, *, predictions, **kwargs):
@@ -138,10 +173,23 @@ def test_declared_parameters_match_defaults(harness):
         descriptor = node.describe_parameter(name)
         assert descriptor.read_only == PARAMETERS[name].read_only, name
         assert descriptor.description == PARAMETERS[name].description, name
+        # The declared range is the specification's, in the field of the parameter's type.
+        spec = PARAMETERS[name]
+        declared = list(descriptor.integer_range) + list(descriptor.floating_point_range)
+        ranges = [(r.from_value, r.to_value) for r in declared]
+        assert ranges == ([] if spec.low is None else [(spec.low, spec.high)]), name
+        if spec.low is not None:
+            integer = spec.type == Parameter.Type.INTEGER.value
+            assert bool(descriptor.integer_range) == integer, name
     learning_rate = node.describe_parameter('learning_rate').floating_point_range[0]
     assert (learning_rate.from_value, learning_rate.to_value) == (0.0, 10.0)
     epochs = node.describe_parameter('epochs').integer_range[0]
     assert (epochs.from_value, epochs.to_value) == (1, 1000)
+    # ... and rclpy enforces it: just outside is refused, the value in use stays.
+    for name, outside in (('learning_rate', 10.5), ('epochs', 1001), ('epochs', 0)):
+        result = node.set_parameters([Parameter(name, value=outside)])[0]
+        assert not result.successful, (name, outside)
+        assert node.get_parameter(name).value == overrides.get(name, DEFAULTS[name])
     # What the learner runs with is what the parameters say (the learner's own defaults
     # are the node's, see test_node_parts).
     config = node.learner.config
@@ -204,26 +252,54 @@ def test_labels_are_latched(harness, learned):
 
 
 def test_diagnostics_statuses(harness, learned):
-    node = harness.node
-    array = harness.client.wait_for_diagnostics(
-        lambda a: {s.name for s in a.status} >= set(EXPECTED_STATUSES), timeout=30)
-    assert array is not None
-    statuses = {s.name: s for s in array.status if s.name in EXPECTED_STATUSES}
+    node, c = harness.node, harness.client
+    # Quiet: every camera frame so far is dealt with (nothing else sends frames meanwhile).
+    old = {name: v for name, (_, v) in statuses_of(camera_settled(c)).items()}
+    predictions = c.collect('~/predictions')
+    rng = np.random.default_rng(11)
+    sent = 4
+    for i in range(sent):  # one at a time: none can be replaced before inference
+        c.publish(CAM, c.image_msg(noisy_images(RED, 1, rng=rng)[0], frame_id=f'diag_{i}'))
+        assert predictions.wait_for(lambda p, f=f'diag_{i}': p['frame_id'] == f, 60), i
+    ours = predictions.snapshot()
+    predictions.close()
+    assert [p['frame_id'] for p in ours] == [f'diag_{i}' for i in range(sent)]
+    camera_settled(c, old['cbpnet: inference'], sent)
+    # The next report covers a period without frames: its rates are 0.
+    array = camera_settled(c, old['cbpnet: inference'], sent)
+    statuses = statuses_of(array)
     hardware_id = f'/cbpnet@{socket.gethostname()} (tf_efficientnet_lite0 on cpu)'
-    assert {s.hardware_id for s in statuses.values()} == {hardware_id}
-    values = {name: {kv.key: kv.value for kv in s.values} for name, s in statuses.items()}
+    assert {s.hardware_id for s in array.status if s.name in EXPECTED_STATUSES} == {hardware_id}
+    values = {name: v for name, (_, v) in statuses.items()}
     inference = values['cbpnet: inference']
     assert inference['backbone'] == 'tf_efficientnet_lite0' and inference['device'] == 'cpu'
     assert inference['image_size'] == '64' and json.loads(inference['topics']) == [CAM, CAM_Z]
-    for key in ('input_rate_hz', 'classified_rate_hz', 'latency_mean_ms', 'latency_p95_ms'):
-        assert float(inference[key]) >= 0.0, key
-    assert int(inference['frames_received']) >= int(inference['frames_classified']) >= 0
-    assert inference['vision_msgs'] in ('published', 'not installed')
+
+    def delta(key, name='cbpnet: inference'):
+        return int(values[name][key]) - int(old[name].get(key, 0))
+    # Exactly the frames this test sent: received, classified (one prediction each, all
+    # received here), none replaced or rejected; vision_msgs once per frame when installed.
+    assert delta('frames_received') == delta('frames_processed') == sent
+    assert delta('frames_classified') == len(ours) == sent
+    assert delta('dropped_frames') == delta('rejected_camera') == 0
+    vision_types, _ = load_vision_msgs()
+    assert inference['vision_msgs'] == ('published' if vision_types is not None
+                                        else 'not installed')
+    assert delta('classifications_published') == (sent if vision_types is not None else 0)
+    assert inference['input_rate_hz'] == inference['classified_rate_hz'] == '0.0'
+    # The latency figures are over the last (up to 1000) published predictions, whose
+    # newest are this test's.
+    window = list(node._stats.latencies_ms)
+    assert window[-sent:] == [p['latency_ms'] for p in ours]
+    assert float(inference['latency_mean_ms']) == round(float(np.mean(window)), 3)
+    assert float(inference['latency_p95_ms']) == round(float(np.percentile(window, 95)), 3)
+    assert 0.0 <= float(inference['seconds_since_frame']) < 30.0
     cbp = values['cbpnet: cbp block']
     stats = node.learner.cbp_stats()
     assert int(cbp['hidden_units']) == stats['hidden_units'] == 64
-    assert int(cbp['replacements_total']) == stats['replacements_total']
-    assert 0.0 <= float(cbp['dormant_fraction']) <= 1.0
+    assert {k: cbp[k] for k in stats} == {
+        k: v if isinstance(v, str) else json.dumps(v) for k, v in stats.items()}
+    assert cbp['in_use'] == 'true'  # prediction task: frames pass the block
     assert float(cbp['utility_min']) <= float(cbp['utility_mean']) <= float(cbp['utility_max'])
     learner = values['cbpnet: learner']
     assert int(learner['tasks']) == node.learner.num_tasks >= 1
@@ -231,15 +307,20 @@ def test_diagnostics_statuses(harness, learned):
     assert int(learner['model_version']) == node.learner.model_version
     assert learner['state'] == 'idle' and learner['last_error'] == ''
     assert int(learner['buffer_samples']) == sum(json.loads(learner['buffer_per_class'])
-                                                 .values())
+                                                 .values()) == len(node.buffer)
     assert json.loads(learner['last_task'])['task_id'] >= 0
     assert json.loads(learner['last_change'])['kind'] == 'learn'
     prompts = values['cbpnet: prompts']
     task_counts = {k: int(v) for k, v in prompts.items() if k.startswith('task_')}
     assert set(task_counts) == {f'task_{t}' for t in range(node.learner.num_tasks)}
-    assert sum(task_counts.values()) == int(prompts['selections_total']) >= 1
+    assert sum(task_counts.values()) == int(prompts['selections_total'])
+    # One E-prompt selection per classified frame, counted for the task each prediction said.
+    assert delta('selections_total', 'cbpnet: prompts') == sent
+    for t in range(node.learner.num_tasks):
+        assert delta(f'task_{t}', 'cbpnet: prompts') == sum(p['task_id'] == t for p in ours)
     assert int(prompts['e_prompts']) == node.learner.num_tasks
-    assert statuses['cbpnet: learner'].level in (0, b'\x00')  # OK once a task is learned
+    assert statuses['cbpnet: learner'][0] == 0  # OK once a task is learned
+    assert statuses['cbpnet: inference'][0] == 0  # OK: frames came and were classified
 
 
 def test_buffer_refusals_and_clear(harness):
@@ -262,27 +343,46 @@ def test_buffer_refusals_and_clear(harness):
 
 
 def test_teach_adds_camera_frames_until_stopped_or_timeout(harness):
-    c = harness.client
+    c, node = harness.client, harness.node
     assert c.call_trigger('~/clear_buffer').success
     rng = np.random.default_rng(3)
     frame = c.image_msg(noisy_images(GREEN, 1, rng=rng)[0], frame_id='cam0')
+    # The learner status's level: OK once a task is learned (not when this test runs alone).
+    learner_level = 0 if node.learner.num_tasks else 1
 
     def stream(seconds):
-        end = time.monotonic() + seconds
+        """Publish ``frame`` at 20 Hz for ``seconds``; returns how many were sent."""
+        end, sent = time.monotonic() + seconds, 0
         while time.monotonic() < end:
             c.publish(CAM, frame)
+            sent += 1
             time.sleep(0.05)
+        return sent
+
+    def after_stream(seconds):
+        """Stream while not teaching, then the learner and inference statuses once the node
+        has taken every streamed frame: nothing may have been added to the buffer."""
+        old = statuses_of(camera_settled(c))
+        sent = stream(seconds)
+        assert sent >= 5, sent
+        new = statuses_of(camera_settled(c, old['cbpnet: inference'][1], sent))
+        (level, learner), (_, before) = new['cbpnet: learner'], old['cbpnet: learner']
+        assert level == learner_level and learner['teaching'] == ''
+        assert learner['buffer_per_class'] == before['buffer_per_class']
+        assert learner['teach_samples'] == before['teach_samples']
+        assert new['cbpnet: inference'][0] == 0  # OK: frames arrive and are good
+        return json.loads(learner['buffer_per_class'])
 
     c.publish('~/teach', String(data='cup'))
-    status(c, 'cbpnet: learner', lambda level, v: v['teaching'] == 'cup')
+    _, values = status(c, 'cbpnet: learner', lambda level, v: v['teaching'] == 'cup')
+    samples_before = int(values['teach_samples'])
     stream(1.5)
     c.publish('~/teach', String(data=''))
     _, values = status(c, 'cbpnet: learner', lambda level, v: v['teaching'] == '')
     taught = json.loads(values['buffer_per_class']).get('cup', 0)
     assert taught >= 2, values  # 5 Hz for 1.5 s
-    stream(0.5)  # not teaching any more: nothing is added
-    _, values = status(c, 'cbpnet: learner', lambda level, v: True)
-    assert json.loads(values['buffer_per_class']).get('cup', 0) == taught
+    assert int(values['teach_samples']) - samples_before == taught
+    assert after_stream(0.5) == {'cup': taught}  # not teaching any more: nothing is added
 
     results = c.set_parameters({'teach_timeout_s': 0.5})
     assert results[0].successful, results[0].reason
@@ -292,9 +392,9 @@ def test_teach_adds_camera_frames_until_stopped_or_timeout(harness):
         stream(1.0)
         _, values = status(c, 'cbpnet: learner', lambda level, v: v['teaching'] == '')
         after_timeout = json.loads(values['buffer_per_class']).get('mug', 0)
-        stream(0.6)
-        _, values = status(c, 'cbpnet: learner', lambda level, v: True)
-        assert json.loads(values['buffer_per_class']).get('mug', 0) == after_timeout
+        assert after_timeout <= 3, values  # at 5 Hz, stopped after 0.5 s: 0, 0.2, 0.4 s
+        assert after_stream(0.6) == {'cup': taught, **({'mug': after_timeout}
+                                                       if after_timeout else {})}
     finally:
         c.set_parameters({'teach_timeout_s': DEFAULTS['teach_timeout_s']})
         assert c.call_trigger('~/clear_buffer').success

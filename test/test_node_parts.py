@@ -3,6 +3,7 @@ diagnostics levels, the vision_msgs mapping (with stand-in message classes, sinc
 vision_msgs wheel exists), the log bridge, teaching and the inference thread."""
 import dataclasses
 import logging
+import sys
 import threading
 import time
 import types
@@ -187,12 +188,33 @@ def test_vision_info_method_names_the_parts_in_use():
     assert 'untrained' in method_name(LearnerConfig(prediction='all', train_cbp_block=False))
 
 
-def test_load_vision_msgs_says_why_when_missing():
-    types_, why = load_vision_msgs()
-    if types_ is None:  # no vision_msgs wheel on PyPI: the case on this project's machines
-        assert 'vision_msgs' in why
+def _module(name, **attributes):
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    return module
+
+
+def test_load_vision_msgs_says_why_when_missing(monkeypatch):
+    try:
+        from vision_msgs.msg import Classification, ObjectHypothesis, VisionInfo
+    except ImportError as exc:  # no vision_msgs wheel on PyPI: this project's machines
+        assert load_vision_msgs() == (None, f'vision_msgs is not installed ({exc})')
+        assert str(exc) == "No module named 'vision_msgs'"
     else:  # an apt/colcon ROS install: the real message classes, with 4.x field names
-        assert why == '' and hasattr(types_.ObjectHypothesis, 'class_id')
+        assert load_vision_msgs() == (
+            VisionTypes(Classification, ObjectHypothesis, VisionInfo), '')
+    # Whatever is installed: a 4.x package gives its three classes, in that order ...
+    monkeypatch.setitem(sys.modules, 'vision_msgs', _module('vision_msgs'))
+    monkeypatch.setitem(sys.modules, 'vision_msgs.msg', _module(
+        'vision_msgs.msg', Classification=_Classification, ObjectHypothesis=_Hypothesis,
+        VisionInfo=_VisionInfo))
+    assert load_vision_msgs() == (FAKE, '')
+    # ... and a 3.x one (ObjectHypothesis.id, no class_id) is refused, saying why.
+    old = _module('vision_msgs.msg', Classification=_Classification, VisionInfo=_VisionInfo,
+                  ObjectHypothesis=type('ObjectHypothesis', (), {'id': '', 'score': 0.0}))
+    monkeypatch.setitem(sys.modules, 'vision_msgs.msg', old)
+    assert load_vision_msgs() == (
+        None, 'vision_msgs is older than 4.0 (no ObjectHypothesis.class_id)')
 
 
 def test_prediction_record_is_the_json_contract():
@@ -242,13 +264,24 @@ def test_package_log_records_are_forwarded_with_their_level_and_name():
     assert len(ros.calls) == 5
 
 
-def test_a_failing_ros_logger_does_not_raise(monkeypatch):
+def test_a_failing_ros_logger_does_not_raise(monkeypatch, capsys):
+    tried = []
+
     class Broken:
         def error(self, message):
+            tried.append(message)
             raise RuntimeError('context gone')
     monkeypatch.setattr(logging, 'raiseExceptions', False)
     handler = RosLogHandler(Broken())
-    handler.emit(logging.LogRecord('ros2_cbpnet', logging.ERROR, __file__, 1, 'x', (), None))
+    handled = []
+    handle_error = handler.handleError
+    monkeypatch.setattr(handler, 'handleError',
+                        lambda record: (handled.append(record), handle_error(record)))
+    record = logging.LogRecord('ros2_cbpnet', logging.ERROR, __file__, 1, 'x', (), None)
+    handler.emit(record)  # returns: the failure goes to logging's own handleError
+    assert tried == ['[ros2_cbpnet] x']  # the record did reach the ROS logger
+    assert handled == [record]
+    assert capsys.readouterr() == ('', '')  # and, with raiseExceptions off, stays silent
 
 
 # ------------------------------------------------------------------------------ teaching

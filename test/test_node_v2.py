@@ -21,6 +21,7 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from ros2_cbpnet import node_diagnostics
+from ros2_cbpnet.learner import UNDO_DEPTH
 from ros_helpers import LATCHED, noisy_images, node_in_process, wait_until
 
 pytestmark = [pytest.mark.ros]
@@ -453,21 +454,44 @@ def test_service_failures_answer_and_never_stop_the_executor(harness, two_tasks,
 
 def test_undo_until_nothing_is_left_to_undo(harness, two_tasks):
     c, node = harness.client, harness.node
+    learner = node.learner
     undone = []
     while True:
+        classes, forgotten = learner.classes, learner.forgotten_classes
+        tasks, version = learner.tasks, learner.model_version
         reply = c.call_trigger('~/undo_last_task')
         if not reply.success:
             assert json.loads(reply.message) == {'error': 'nothing to undo'}
+            assert (learner.classes, learner.model_version) == (classes, version)
             break
         result = json.loads(reply.message)
-        assert result['model_version'] == node.learner.model_version
+        assert result['model_version'] == learner.model_version == version + 1
         assert result['checkpoint']
+        # The last learned task goes, with exactly its (not forgotten) classes.
+        removed = result['removed_classes']
+        assert learner.num_tasks == result['removed_task'] < len(tasks)
+        assert removed == [name for task in tasks[result['removed_task']:]
+                           for name in task['classes']]
+        assert removed and set(removed) <= set(classes)
+        # The classes shrink by those: the others stay, in order; only a class forgotten
+        # after that task can come back (the model from before the task did not forget it).
+        after = learner.classes
+        assert [name for name in after if name in classes] == [
+            name for name in classes if name not in removed], (classes, removed, after)
+        assert set(after) - set(classes) <= set(forgotten), (forgotten, after)
+        # ~/labels and the class_labels parameter follow at once.
+        labels = latest_labels(c, lambda m, v=result['model_version']: m['model_version'] == v)
+        assert labels['classes'] == after
+        assert [t['task_id'] for t in labels['tasks']] == list(range(result['removed_task']))
+        assert list(node.get_parameter('class_labels').value) == after
         undone.append(result)
         assert len(undone) < 10
     assert undone, 'nothing could be undone'
-    labels = latest_labels(c, lambda m: m['model_version'] == node.learner.model_version)
-    assert labels['classes'] == node.learner.classes
-    assert list(node.get_parameter('class_labels').value) == node.learner.classes
+    # The undo history is UNDO_DEPTH models deep; at least that many tasks were learned.
+    assert len(undone) == UNDO_DEPTH, undone
+    values = learner_values(c, lambda v: int(v['model_version']) == learner.model_version)
+    assert values['can_undo'] == 'false'
+    assert json.loads(values['classes']) == learner.classes
 
 
 # ------------------------------------------------------------------------------ bare nodes
