@@ -19,13 +19,14 @@ run() {  # run <result file> <cbpnet-eval options...>: skipped when already fini
   echo "== $out" >&2
   "$EVAL" "$@" --seeds "$SEEDS" --quiet --resume --out "$out" > "${out%.json}.log" 2>&1
 }
+# (SEEDS=0 run ... runs one seed)
 
 declare -A DATA=(
   [digits]="--dataset digits"
   [fmnist200]="--dataset fashion-mnist --train-per-class 200 --test-per-class 100"
   [fmnist1000]="--dataset fashion-mnist --train-per-class 1000 --test-per-class 200"
 )
-PARTS=${*:-"compare ablation fewshot unknown lifetime"}
+PARTS=${*:-"paper compare ablation fewshot unknown lifetime plasticity spread adapt"}
 
 for part in $PARTS; do
   case $part in
@@ -59,6 +60,39 @@ for part in $PARTS; do
     for d in digits fmnist200; do
       run "$OUT/${d}_unknown.json" ${DATA[$d]} --tasks 4 --unknown-classes 2 --method cbpnet
     done ;;
+  paper)  # the published recipe (CBP on / off) against the default and the same-feature
+          # baselines, on the 5 x 2 task shape and the paper's 2 x 5
+    for tasks in 5 2; do
+      for d in digits fmnist200 fmnist1000; do
+        run "$OUT/${d}_paper_t${tasks}.json" ${DATA[$d]} --tasks $tasks \
+          --method cbpnet,cbpnet-paper,dualprompt --plot "$OUT/${d}_paper_t${tasks}.png"
+        run "$OUT/${d}_paper_t${tasks}_baselines.json" ${DATA[$d]} --tasks $tasks \
+          --method ncm,lda,ranpac --baseline-query multilayer
+      done
+    done ;;
+  plasticity)  # the learned parts alone, 200 binary tasks, a fresh head each (Dohare et al.)
+    for d in digits fashion-mnist; do
+      for path in residual no-skip; do
+        run "$OUT/${d}_plasticity_${path}.json" --dataset $d --protocol plasticity \
+          --plasticity-path $path --method cbpnet,cbpnet-nocbp \
+          --plot "$OUT/${d}_plasticity_${path}.png"
+      done
+      # the prompts trained too (one seed: every step runs the backbone's last stages)
+      SEEDS=0 run "$OUT/${d}_plasticity_prompts.json" --dataset $d --protocol plasticity \
+        --plasticity-prompts true --method cbpnet,cbpnet-nocbp \
+        --plot "$OUT/${d}_plasticity_prompts.png"
+    done ;;
+  spread|keys)  # validation sweeps behind the spread rule and the key steps
+    for tasks in 5 2; do
+      [ "$part" = spread ] && [ $tasks = 2 ] && continue
+      .venv/bin/python scripts/sweep.py --groups "$part" --tasks $tasks \
+        --out "$OUT/sweep_t${tasks}" > "$OUT/sweep_${part}_t${tasks}.txt"
+    done ;;
+  adapt)  # the bounded adapt-then-accumulate study (validation splits)
+    .venv/bin/python scripts/adapt_study.py --train-per-class 1000 --seeds 0,1,2 \
+      --out "$OUT/adapt_1000.json" > "$OUT/adapt_1000.txt"
+    .venv/bin/python scripts/adapt_study.py --train-per-class 6000 --seeds 0,1 \
+      --out "$OUT/adapt_6000.json" > "$OUT/adapt_6000.txt" ;;
   lifetime)  # 50 new pairs of classes; the learned recipe with CBP on and off
     for d in fashion-mnist digits; do
       run "$OUT/${d}_lifetime.json" --dataset $d --protocol lifetime --lifetime-tasks 50 \
@@ -66,7 +100,8 @@ for part in $PARTS; do
       run "$OUT/${d}_lifetime_stats.json" --dataset $d --protocol lifetime --lifetime-tasks 50 \
         --method cbpnet
     done ;;
-  *) echo "unknown part $part (compare ablation fewshot unknown lifetime)" >&2; exit 2 ;;
+  *) echo "unknown part $part (paper compare ablation fewshot unknown lifetime plasticity" \
+          "spread keys adapt)" >&2; exit 2 ;;
   esac
 done
 echo "results in $OUT; tables: .venv/bin/cbpnet-eval --compare $OUT/<file>.json ..." >&2
