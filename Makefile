@@ -13,12 +13,12 @@ COLCON_STAMP := $(COLCON_VENV)/.ros2_cbpnet-colcon
 DATASET ?= digits
 PYTEST_ARGS ?=
 # DDS stays on this machine (see README, "Network"), in ROS domains locked for the run by
-# scripts/ros_domain.py (flock on /tmp/ros2_cbpnet_domain_<id>.lock), so concurrent runs never
+# ros2_cbpnet/tools/ros_domain.py (flock on /tmp/ros2_cbpnet_domain_<id>.lock), so concurrent runs never
 # share one; test/conftest.py keeps the ids it inherits. Tools keep an explicit ROS_DOMAIN_ID.
 ROS_ENV := ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST \
 	AMENT_PREFIX_PATH=$(CURDIR)/$(VENV) HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-IN_DOMAIN := $(PY) scripts/ros_domain.py --
-IN_DOMAIN_OR_ENV := $(PY) scripts/ros_domain.py --keep-env --
+IN_DOMAIN := $(PY) -m ros2_cbpnet.tools.ros_domain --
+IN_DOMAIN_OR_ENV := $(PY) -m ros2_cbpnet.tools.ros_domain --keep-env --
 
 .PHONY: install colcon-tools test test-fast fashion-mnist demo eval bench soak clean
 

@@ -26,7 +26,8 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
-            'cbpnet_node = ros2_cbpnet.node:main',
+            'cbpnet_node = ros2_cbpnet.ros.node:main',
+            'cbpnet_lifecycle_node = ros2_cbpnet.ros.lifecycle_node:main',
             'cbpnet-eval = ros2_cbpnet.tools.evaluate:main',
             'cbpnet-bench = ros2_cbpnet.tools.bench:main',
             'cbpnet-demo = ros2_cbpnet.tools.demo:main',

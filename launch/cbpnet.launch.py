@@ -3,7 +3,7 @@
     ros2 launch ros2_cbpnet cbpnet.launch.py [config:=FILE] [namespace:=NS]
         [image_topic:=TOPIC] [image_qos:=sensor_data|reliable] [log_level:=LEVEL]
         [backbone:=NAME] [device:=auto|cpu|cuda] [checkpoint_dir:=DIR]
-        [recipe:=custom|paper]
+        [recipe:=custom|paper] [lifecycle:=false|true]
 
 - ``config``: a parameters YAML, default the package's config/cbpnet.yaml. A path that does
   not exist stops the launch with an error (ros2 launch would otherwise only warn and start
@@ -19,6 +19,9 @@
 - ``log_level``: the node's log level (debug, info, warn, error, fatal).
 - ``backbone``, ``device``, ``checkpoint_dir``, ``recipe``: overrides of those parameters;
   empty keeps the config's value (so the checkpoints can move without copying the YAML).
+- ``lifecycle``: ``true`` starts ``cbpnet_lifecycle_node``, the same node as a managed
+  (lifecycle) node that waits unconfigured for configure and activate (a lifecycle manager,
+  or ``ros2 lifecycle set``); ``false`` (default) ``cbpnet_node``, which starts active.
 
 Works with ROS 2 Humble and later.
 """
@@ -49,9 +52,10 @@ def _cbpnet_node(context, *args, **kwargs):
                                               'checkpoint_dir', 'recipe') if arg(name)}
     parameters = [config] + ([overrides] if overrides else [])  # later entries win
     image_topic = arg('image_topic')
+    managed = arg('lifecycle').lower() in ('true', '1', 'yes')
     return [Node(
         package='ros2_cbpnet',
-        executable='cbpnet_node',
+        executable='cbpnet_lifecycle_node' if managed else 'cbpnet_node',
         name='cbpnet',
         namespace=arg('namespace'),
         parameters=parameters,
@@ -90,6 +94,10 @@ def generate_launch_description():
         DeclareLaunchArgument('checkpoint_dir', default_value='',
                               description='where checkpoints are kept; overrides the config '
                                           'when set'),
+        DeclareLaunchArgument('lifecycle', default_value='false',
+                              choices=['false', 'true'],
+                              description='true = the managed (lifecycle) node, which waits '
+                                          'for configure and activate'),
         DeclareLaunchArgument('recipe', default_value='', choices=['', 'custom', 'paper'],
                               description='paper = the published CBPNet; overrides the config '
                                           'when set'),

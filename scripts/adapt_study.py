@@ -43,11 +43,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ros2_cbpnet.datasets import load_dataset, split_tasks
-from ros2_cbpnet.image_resize import resize_batch
-from ros2_cbpnet.model.backbones import load_backbone
-from ros2_cbpnet.model.cbp import CBPBlock
-from ros2_cbpnet.model.statistics import ClassStatistics
+from ros2_cbpnet.learning.datasets import load_dataset, split_tasks
+from ros2_cbpnet.learning.image_resize import resize_batch
+from ros2_cbpnet.learning.model.backbones import load_backbone
+from ros2_cbpnet.learning.model.cbp import CBPBlock
+from ros2_cbpnet.learning.model.statistics import ClassStatistics
 from ros2_cbpnet.tools.eval_protocols import validation_split
 
 VARIANTS = ('frozen', 'prompts-ce-aug', 'prompts-lda-aug', 'block-lda-cbp', 'block-lda-nocbp')

@@ -23,21 +23,9 @@ import os
 import sys
 
 
-def _lock_domain() -> None:
-    """A ROS domain id locked for this process (scripts/ros_domain.py), unless one is set."""
-    if os.environ.get('ROS_DOMAIN_ID'):
-        return
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ros_domain.py')
-    spec = importlib.util.spec_from_file_location('ros2_cbpnet_ros_domain', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.ensure_domains(1)
-
-
-if __name__ == '__main__':
-    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    _lock_domain()
+if __name__ == '__main__':  # a locked domain of its own, DDS on loopback
+    from ros2_cbpnet.tools import ros_domain
+    ros_domain.lock_unless_set()
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -76,9 +64,9 @@ def wire_part(args: argparse.Namespace) -> Dict[str, Any]:
     """Bytes per task and class, merge time and memory at the default feature."""
     import torch
 
-    from ros2_cbpnet import fleet
-    from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
-    from ros2_cbpnet.model import load_backbone
+    from ros2_cbpnet.learning import fleet
+    from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
+    from ros2_cbpnet.learning.model import load_backbone
 
     torch.set_num_threads(args.threads)
     backbone = load_backbone('tf_efficientnet_lite0', image_size=128)
@@ -111,7 +99,7 @@ def wire_part(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _packed(c: Any) -> np.ndarray:
-    from ros2_cbpnet import fleet
+    from ros2_cbpnet.learning import fleet
     d = c.dim
     return fleet.scatter_matrix(c)[np.triu_indices(d)].astype(np.float32)
 
@@ -126,7 +114,7 @@ def fleet_part(args: argparse.Namespace) -> Dict[str, Any]:
     from std_msgs.msg import String
     from std_srvs.srv import Trigger
 
-    from ros2_cbpnet.image_codec import rgb_to_image_msg
+    from ros2_cbpnet.ros.image_codec import rgb_to_image_msg
 
     work = tempfile.mkdtemp(prefix='cbpnet-fleet-')
     topic = f'/cbpnet_fleet_sim_{os.getpid()}/classes'

@@ -82,7 +82,7 @@ else
     "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || {
         echo "gpu_bench.sh: torch sees no CUDA device here (use --dry-run on CPU)" >&2
         exit 3; }
-    SCALING_PRECISION="$("$PY" -c 'import torch; from ros2_cbpnet.precision import \
+    SCALING_PRECISION="$("$PY" -c 'import torch; from ros2_cbpnet.learning.precision import \
 default_precision; print(default_precision(torch.device("cuda")))')"
     if [ -z "$PRECISIONS" ]; then
         PRECISIONS="fp32 fp16"

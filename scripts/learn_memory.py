@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
+from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
 
 
 def _status(field: str) -> int:

@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import List
 
-from ros2_cbpnet.node_parameters import DEFAULTS, PARAMETERS
+from ros2_cbpnet.ros.parameters import DEFAULTS, PARAMETERS
 
 HEADER = '| parameter | default | at run time | meaning |'
 

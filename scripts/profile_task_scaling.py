@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from ros2_cbpnet.tools.bench.common import FRAME_HW, synthetic_frame, synthetic_task  # noqa
+from ros2_cbpnet.tools.bench.timing import FRAME_HW, synthetic_frame, synthetic_task  # noqa
 from ros2_cbpnet.tools.bench.scaling import grow_chain, load_learner  # noqa: E402
 
 
@@ -90,8 +90,8 @@ def main() -> int:
 
     import torch
 
-    from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
-    from ros2_cbpnet.model import load_backbone
+    from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
+    from ros2_cbpnet.learning.model import load_backbone
 
     torch.set_num_threads(args.threads)
     backbone = load_backbone(args.backbone, args.backbone_checkpoint,

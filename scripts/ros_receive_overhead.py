@@ -18,12 +18,9 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ros_domain  # noqa: E402
+from ros2_cbpnet.tools import ros_domain  # noqa: E402
 
-if 'ROS_DOMAIN_ID' not in os.environ:
-    ros_domain.ensure_domains(1)  # a locked id: a pid-derived one collides with other runs
+ros_domain.lock_unless_set()  # a locked id: a pid-derived one collides with other runs
 
 import argparse  # noqa: E402
 import json  # noqa: E402

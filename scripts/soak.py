@@ -18,8 +18,8 @@ Exit status: 0; 1 when the node died (or did not stop cleanly); 3 when ``--max-g
 is given and exceeded.
 
 DDS stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) in a ROS domain of its
-own, locked for the run by ``scripts/ros_domain.py`` (so two runs never share one), unless
-ROS_DOMAIN_ID is set. The node runs under the namespace ``/soak<pid>``, so its diagnostics
+own, locked for the run by :mod:`ros2_cbpnet.tools.ros_domain` (so two runs never share one),
+unless ROS_DOMAIN_ID is set. The node runs under the namespace ``/soak<pid>``, so its diagnostics
 statuses are named ``soak<pid>/cbpnet: <task>`` (``node_diagnostics.status_prefix``).
 Example: ``make soak SOAK_ARGS="--minutes 10 --plot results/soak.png"``.
 """
@@ -29,22 +29,10 @@ import os
 import sys
 
 
-def _lock_domain() -> None:
-    """A ROS domain id locked for this process (scripts/ros_domain.py), unless one is set."""
-    if os.environ.get('ROS_DOMAIN_ID', '').strip():
-        return
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ros_domain.py')
-    spec = importlib.util.spec_from_file_location('ros2_cbpnet_ros_domain', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.ensure_domains(1)  # held until this process exits; the node inherits the id
-
-
 # Before rclpy is imported: loopback discovery, a domain of our own (docs/environment.md).
-os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 if __name__ == '__main__':  # importing the module (tests use its helpers) changes nothing
-    _lock_domain()
+    from ros2_cbpnet.tools import ros_domain
+    ros_domain.lock_unless_set()  # held until this process exits; the node inherits the id
 os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)
 os.environ['HF_HUB_OFFLINE'] = '1'
 
@@ -73,8 +61,8 @@ from rclpy.qos import (QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)  
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg  # noqa: E402
-from ros2_cbpnet.node_diagnostics import status_prefix  # noqa: E402
+from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg  # noqa: E402
+from ros2_cbpnet.ros.diagnostics import status_prefix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = f'/soak{os.getpid()}'
@@ -167,7 +155,7 @@ def start_node(args: argparse.Namespace, cameras: List[str], checkpoint_dir: str
     params.write_text(yaml.safe_dump({'/**': {'ros__parameters': overrides}}))
     executable = Path(sys.executable).parent / 'cbpnet_node'
     cmd = [str(executable)] if executable.exists() else [sys.executable, '-m',
-                                                         'ros2_cbpnet.node']
+                                                         'ros2_cbpnet.ros.node']
     cmd += ['--ros-args', '--params-file', str(args.config), '--params-file', str(params),
             '-r', f'__ns:={NAMESPACE}']
     log = open(log_path, 'wb')

@@ -17,7 +17,7 @@ import rclpy
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage
 
-from ros2_cbpnet.image_codec import rgb_to_compressed_msg
+from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg
 
 
 def main(argv):

@@ -1,11 +1,10 @@
 """Test-wide settings, applied at import time, before any test module imports rclpy.
 
 DDS must stay on this machine (docs/environment.md) and each test run gets ROS domains of its
-own, locked for the run (``scripts/ros_domain.py``), so concurrent runs on the same host never
-see each other's nodes. Node processes that a test leaves running are killed after it, and the
-Fast DDS shared memory of killed node processes is removed (``proc_cleanup``).
+own, locked for the run (:mod:`ros2_cbpnet.tools.ros_domain`), so concurrent runs on the same host
+never see each other's nodes. Node processes that a test leaves running are killed after it, and
+the Fast DDS shared memory of killed node processes is removed (``proc_cleanup``).
 """
-import importlib.util
 import os
 import sys
 import warnings
@@ -16,18 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_ros_domain():
-    spec = importlib.util.spec_from_file_location('ros2_cbpnet_ros_domain',
-                                                  ROOT / 'scripts' / 'ros_domain.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from ros2_cbpnet.tools import ros_domain  # noqa: E402 - light: file locks only
 
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 # Two ids: ROS_DOMAIN_ID, and a spare one for tests that need a second, isolated domain
 # (ros_helpers.spare_domain_id). Inherited ids are kept when `make test` locked them.
-ros_domain = _load_ros_domain()
 DOMAIN_IDS = ros_domain.ensure_domains(2)
 # The PyPI ROS wheels do not set it; ament_index_python needs it.
 os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)

@@ -46,7 +46,7 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from proc_cleanup import TrackedProcess, sweep_shm
-from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
 
 #: The console script installed in this interpreter's environment (the venv).
 NODE_EXECUTABLE = Path(sys.executable).parent / 'cbpnet_node'
@@ -78,7 +78,7 @@ def _domain_ids() -> List[int]:
 
 
 def spare_domain_id() -> int:
-    """A second ROS domain id locked for this test run (scripts/ros_domain.py), for a test
+    """A second ROS domain id locked for this test run (ros2_cbpnet.tools.ros_domain), for a test
     that needs a domain where nothing else of the run is."""
     ids = _domain_ids()
     if len(ids) < 2:
@@ -128,7 +128,7 @@ def noisy_scene(height: int, width: int, seed: int = 0, channels: int = 3) -> np
 def camera_frames(topics: Sequence[str], count: int = 3) -> List[Tuple[str, List[Any]]]:
     """``count`` pre-built frames per camera topic, ``header.frame_id`` = ``cam<i>``: JPEG
     640x480 on ``.../compressed`` topics, raw rgb8 320x240 on the others (``soak.scene``)."""
-    from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+    from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
     scene = soak_module().scene
     out = []
     for i, topic in enumerate(topics):
@@ -245,7 +245,7 @@ def node_in_process(parameters: Optional[Dict[str, Any]] = None, *, namespace: s
     its thread, the nodes, the context.
     """
     if node_factory is None:
-        from ros2_cbpnet.node import CBPNetNode
+        from ros2_cbpnet.ros.node import CBPNetNode
         node_factory = CBPNetNode
     overrides = [Parameter(k, value=v) for k, v in (parameters or {}).items()]
     with ros_context() as context:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ros2_cbpnet.model import BackboneLoadError, backbone_parameter_count, load_backbone
+from ros2_cbpnet.learning.model import BackboneLoadError, backbone_parameter_count, load_backbone
 
 # ImageNet-1k indices of espresso-like classes: espresso, cup, coffee mug, coffeepot.
 COFFEE_CLASSES = {967, 968, 504, 505}
@@ -67,7 +67,7 @@ def test_hub_weights_unreachable_tell_the_user_what_to_do(monkeypatch):
 
 def test_vit_b16_trainable_share_is_under_the_paper_bound():
     """design.md: the paper claims < 0.2% extra parameters for ViT-B/16 (no weights needed)."""
-    from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
+    from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
     bb = load_backbone('vit_base_patch16_224', 'random')
     learner = ContinualLearner(LearnerConfig(backbone='vit_base_patch16_224',
                                              backbone_checkpoint='random'), backbone=bb)
@@ -79,7 +79,7 @@ def test_vit_b16_trainable_share_is_under_the_paper_bound():
 
 
 def test_grey_and_odd_sized_images_are_accepted_by_preprocess():
-    from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
+    from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
     learner = ContinualLearner(LearnerConfig(image_size=32, backbone_checkpoint='random'))
     x = learner.preprocess([np.zeros((7, 50), np.uint8), np.full((100, 20, 3), 255, np.uint8),
                             np.zeros((5, 5, 1), np.uint8)])

@@ -263,7 +263,7 @@ def test_synthetic_frames_are_image_like():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 @pytest.mark.parametrize('precision', ['fp16', 'bf16'])
 def test_cuda_half_precision_predict(precision):
-    from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
+    from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
 
     learner = ContinualLearner(LearnerConfig(
         backbone_checkpoint='random', device='cuda', precision=precision, image_size=32,

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ros2_cbpnet.model.cbp import CBPBlock
+from ros2_cbpnet.learning.model.cbp import CBPBlock
 
 
 def _trained_block(dim=6, hidden=4, **kw):

@@ -1,5 +1,5 @@
-"""Tests of ros2_cbpnet.datasets (no ROS). Fashion-MNIST is checked against the real Debian
-package where it is installed, and must be installed under CI (.ci/run installs it)."""
+"""Tests of ros2_cbpnet.learning.datasets (no ROS). Fashion-MNIST is checked against the real
+Debian package where it is installed, and must be installed under CI (.ci/run installs it)."""
 
 import logging
 import os
@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from ros2_cbpnet import datasets
-from ros2_cbpnet.datasets import (DatasetError, FASHION_MNIST_CLASSES, ImageDataset,
-                                  load_dataset, split_tasks, task_subset)
+from ros2_cbpnet.learning import datasets
+from ros2_cbpnet.learning.datasets import (DatasetError, FASHION_MNIST_CLASSES, ImageDataset,
+                                           load_dataset, split_tasks, task_subset)
 
 
 # --------------------------------------------------------------------------- split_tasks
@@ -141,7 +141,7 @@ def test_folder_with_split_and_corrupt_file(tmp_path, caplog):
     _make_class_dir(root / 'ball', [60], (0, 255, 0), 3)
     (root / 'ball' / 'broken.jpg').write_bytes(b'this is not a jpeg')
     (root / '.hidden').mkdir()
-    with caplog.at_level(logging.WARNING, logger='ros2_cbpnet.datasets'):
+    with caplog.at_level(logging.WARNING, logger='ros2_cbpnet.learning.datasets'):
         ds = load_dataset(f'folder:{root}', image_size=16, seed=0)
     assert ds.classes == ['apple', 'ball', 'cup']
     assert ds.name == 'objects'

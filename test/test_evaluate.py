@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from ros2_cbpnet import datasets
-from ros2_cbpnet.baselines import (LinearProbe, NearestClassMean, RandomProjectionRidge,
-                                   StreamingLDA, backbone_params_without_classifier)
-from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
-from ros2_cbpnet.model import load_backbone
-from ros2_cbpnet.tools import evaluate
-from ros2_cbpnet.learner_config import RECIPES
+from ros2_cbpnet.learning import datasets
+from ros2_cbpnet.learning.baselines import (LinearProbe, NearestClassMean, RandomProjectionRidge,
+                                            StreamingLDA, backbone_params_without_classifier)
+from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
+from ros2_cbpnet.learning.model import load_backbone
+from ros2_cbpnet.tools import eval_report, evaluate
+from ros2_cbpnet.learning.config import RECIPES
 from ros2_cbpnet.tools.eval_methods import learner_config
 from ros2_cbpnet.tools.eval_protocols import auroc, validation_split
 from ros2_cbpnet.tools.evaluate import INTERFACE_KEYS, main
@@ -106,7 +106,7 @@ def test_summary_gives_mean_and_sample_std_over_seeds():
     runs = [{'method': 'ncm', 'dataset': 'd', 'seed': s, 'acc_matrix': [[a], [a, b]],
              'average_accuracy': (a + b) / 2, 'forgetting': 0.0, 'learning_accuracy': a}
             for s, (a, b) in enumerate([(1.0, 0.5), (0.8, 0.3)])]
-    summary = evaluate.summarize_runs(runs)['ncm']
+    summary = eval_report.summarize_runs(runs)['ncm']
     assert summary['runs'] == 2 and summary['seeds'] == [0, 1]
     assert summary['average_accuracy']['mean'] == pytest.approx(0.65)
     assert summary['average_accuracy']['std'] == pytest.approx(np.std([0.75, 0.55], ddof=1))

@@ -6,11 +6,11 @@ import struct
 import numpy as np
 import pytest
 
-from ros2_cbpnet import fleet
-from ros2_cbpnet.datasets import load_dataset, task_subset
-from ros2_cbpnet.fleet import Contribution, FleetRefused, compact_scatter, decode, encode
-from ros2_cbpnet.learner import ContinualLearner, LearnerConfig, LearningError
-from ros2_cbpnet.model import load_backbone
+from ros2_cbpnet.learning import fleet
+from ros2_cbpnet.learning.datasets import load_dataset, task_subset
+from ros2_cbpnet.learning.fleet import Contribution, FleetRefused, compact_scatter, decode, encode
+from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig, LearningError
+from ros2_cbpnet.learning.model import load_backbone
 
 TASKS_A = ([0, 1], [2, 3])
 TASK_B = [4, 5]

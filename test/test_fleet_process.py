@@ -17,10 +17,10 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import Image
 from std_msgs.msg import UInt8MultiArray
 
-from ros2_cbpnet import checkpoint as ckpt
-from ros2_cbpnet import fleet
-from ros2_cbpnet.datasets import load_dataset, task_subset
-from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
+from ros2_cbpnet.learning import checkpoint as ckpt
+from ros2_cbpnet.learning import fleet
+from ros2_cbpnet.learning.datasets import load_dataset, task_subset
+from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
 from ros_helpers import client_in_process, node_process, read_log, wait_until, \
     write_params_file
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ros2_cbpnet import frozen_runtime
-from ros2_cbpnet.datasets import load_dataset, split_tasks, task_subset
-from ros2_cbpnet.frozen_runtime import (PARITY_RTOL, load_onnx_query, query_fingerprint,
-                                        resolve_providers)
-from ros2_cbpnet.learner import ContinualLearner, LearnerConfig, LearningCancelled
-from ros2_cbpnet.model import load_backbone
+from ros2_cbpnet.learning import frozen_runtime
+from ros2_cbpnet.learning.datasets import load_dataset, split_tasks, task_subset
+from ros2_cbpnet.learning.frozen_runtime import (PARITY_RTOL, load_onnx_query, query_fingerprint,
+                                                 resolve_providers)
+from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig, LearningCancelled
+from ros2_cbpnet.learning.model import load_backbone
 
 pytest.importorskip('onnxruntime')
 LAYERS = [3, 4, 5, 6, 7]

@@ -37,9 +37,9 @@ from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
-from ros2_cbpnet.image_codec import (SUPPORTED_ENCODINGS, ImageRejected, compressed_msg_to_rgb,
-                                     image_msg_to_rgb, rgb_to_compressed_msg)
-from ros2_cbpnet.sample_buffer import validate_label
+from ros2_cbpnet.ros.image_codec import (SUPPORTED_ENCODINGS, ImageRejected, compressed_msg_to_rgb,
+                                         image_msg_to_rgb, rgb_to_compressed_msg)
+from ros2_cbpnet.ros.sample_buffer import validate_label
 from ros_helpers import RELIABLE, noisy_images, node_in_process, wait_until
 
 pytestmark = [pytest.mark.ros]  # ~15 s: part of the fast set too

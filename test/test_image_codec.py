@@ -1,4 +1,4 @@
-"""Tests for ros2_cbpnet.image_codec (numpy/OpenCV replacement for cv_bridge)."""
+"""Tests for ros2_cbpnet.ros.image_codec (numpy/OpenCV replacement for cv_bridge)."""
 
 from array import array
 import pickle
@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from ros2_cbpnet import image_codec
-from ros2_cbpnet.image_codec import (
+from ros2_cbpnet.ros import image_codec
+from ros2_cbpnet.ros.image_codec import (
     compressed_msg_to_rgb,
     draw_label,
     image_msg_to_rgb,
@@ -85,7 +85,7 @@ def test_reasons_and_exception():
 def test_module_imports_without_ros():
     import subprocess
     import sys
-    code = ('import sys; import ros2_cbpnet.image_codec; '
+    code = ('import sys; import ros2_cbpnet.ros.image_codec; '
             'assert "rclpy" not in sys.modules and "sensor_msgs" not in sys.modules')
     subprocess.run([sys.executable, '-c', code], check=True)
 
@@ -637,7 +637,7 @@ def test_fuzz_compressed():
 
 
 # ---------------------------------------------------------------- decoding to the model input
-# (size=...: what the node does with camera frames; see ros2_cbpnet.image_resize for the
+# (size=...: what the node does with camera frames; see ros2_cbpnet.learning.image_resize for the
 # tolerances of the fast resize against the one-step reference)
 
 def reference_resize(rgb, size):
@@ -647,7 +647,7 @@ def reference_resize(rgb, size):
 
 
 def assert_close(out, ref):
-    from ros2_cbpnet.image_resize import MEAN_ABS_TOLERANCE, P99_ABS_TOLERANCE
+    from ros2_cbpnet.learning.image_resize import MEAN_ABS_TOLERANCE, P99_ABS_TOLERANCE
     d = np.abs(out.astype(np.int16) - ref.astype(np.int16))
     mean, p99 = float(d.mean()), float(np.percentile(d, 99))
     assert mean <= MEAN_ABS_TOLERANCE and p99 <= P99_ABS_TOLERANCE, (mean, p99)
@@ -658,7 +658,7 @@ def assert_close(out, ref):
 def test_raw_decode_to_size_is_the_full_decode_resized(encoding, size):
     """8-bit RGB/BGR(A)/mono are resized before the channel conversion, which commutes with
     it: the same pixels as converting first. Others convert at full size, then resize."""
-    from ros2_cbpnet.image_resize import resize_image
+    from ros2_cbpnet.learning.image_resize import resize_image
     msg = rgb_to_image_msg(noisy_scene(480, 640, size), encoding)
     full = image_msg_to_rgb(msg)
     out = image_msg_to_rgb(msg, size=size)
@@ -669,7 +669,7 @@ def test_raw_decode_to_size_is_the_full_decode_resized(encoding, size):
 
 @pytest.mark.parametrize('encoding', ['bayer_rggb8', 'yuv422', 'bgr16'])
 def test_raw_decode_to_size_of_mosaics_and_16_bit(rng, encoding):
-    from ros2_cbpnet.image_resize import resize_image
+    from ros2_cbpnet.learning.image_resize import resize_image
     bpp = image_codec._RAW_LAYOUT[encoding][0]
     msg = raw_msg(encoding, 96, 128, 128 * bpp + 6,
                   rng.integers(0, 256, 96 * (128 * bpp + 6), dtype=np.uint8).tobytes())
@@ -731,7 +731,7 @@ def test_reduced_jpeg_decode_matches_full_decode_and_resize(monkeypatch, height,
 
 
 def test_png_decode_to_size_is_full_decode_and_resize():
-    from ros2_cbpnet.image_resize import resize_image
+    from ros2_cbpnet.learning.image_resize import resize_image
     img = noisy_scene(240, 320)
     msg = rgb_to_compressed_msg(img, 'png')
     out = compressed_msg_to_rgb(msg, size=64)

@@ -1,4 +1,4 @@
-"""ros2_cbpnet.image_resize: the fast shrink against the one-step OpenCV reference.
+"""ros2_cbpnet.learning.image_resize: the fast shrink against the one-step OpenCV reference.
 
 The reference is what the learner's preprocessing has always done: ``cv2.INTER_AREA`` to
 ``size`` x ``size`` when either side shrinks, ``cv2.INTER_LINEAR`` otherwise. The fast path
@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from ros2_cbpnet import image_resize
-from ros2_cbpnet.image_resize import (MEAN_ABS_TOLERANCE, P99_ABS_TOLERANCE, resize_batch,
-                                      resize_image)
+from ros2_cbpnet.learning import image_resize
+from ros2_cbpnet.learning.image_resize import (MEAN_ABS_TOLERANCE, P99_ABS_TOLERANCE, resize_batch,
+                                               resize_image)
 from ros_helpers import noisy_scene
 
 
@@ -105,7 +105,7 @@ def test_resize_batch_contract():
 
 def test_resize_batch_matches_the_learners_within_tolerance():
     """What ContinualLearner.preprocess gets when the node resized the frames already."""
-    from ros2_cbpnet.learner import resize_batch as learner_resize_batch
+    from ros2_cbpnet.learning.learner import resize_batch as learner_resize_batch
 
     images = [noisy_scene(480, 640, seed=s) for s in range(3)] + [noisy_scene(720, 1280, seed=9)]
     ours, theirs = resize_batch(images, 128), learner_resize_batch(images, 128)

@@ -26,8 +26,9 @@ import pytest
 import torch
 from std_srvs.srv import Trigger
 
-from ros2_cbpnet import checkpoint as ckpt
-from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
+from ros2_cbpnet.learning import checkpoint as ckpt
+from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
+from ros2_cbpnet.ros.node_core import RUNTIME_CACHE_DIR
 from ros_helpers import (LATCHED, client_in_process, noisy_images, node_process, read_log,
                          ros_env, write_params_file)
 
@@ -121,11 +122,13 @@ def _same_predictions(got, want, atol=1e-3):
 
 def _digest(directory):
     return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(Path(directory).iterdir())}
+            for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
 
 def _checkpoint_files(directory):
-    return sorted(p.name for p in Path(directory).iterdir() if not p.name.startswith('.'))
+    # The ONNX export cache has its own sub-folder; only files are checkpoints.
+    return sorted(p.name for p in Path(directory).iterdir()
+                  if not p.name.startswith('.') and p.name != RUNTIME_CACHE_DIR)
 
 
 @pytest.fixture(scope='module')
@@ -276,7 +279,8 @@ def test_sigkill_during_save_never_leaves_a_loadable_half_file(tmp_path, referen
         for name in _checkpoint_files(directory):
             payload = ckpt.read_checkpoint(str(directory / name))  # complete and loadable
             assert payload['model_version'] == int(name[7:13])
-        assert set(left) - set(temps) == {'cbpnet-000001.pt', 'cbpnet-000002.pt'}
+        kept = set(left) - set(temps) - {RUNTIME_CACHE_DIR}
+        assert kept == {'cbpnet-000001.pt', 'cbpnet-000002.pt'}
         if temps:
             break
     assert temps, 'no SIGKILL landed inside a checkpoint write in 3 tries'
@@ -292,7 +296,8 @@ def test_sigkill_during_save_never_leaves_a_loadable_half_file(tmp_path, referen
         saved = node.client.call_trigger('~/save', timeout=60)
         assert saved.success, saved.message
         # The next successful write clears the temporary files of killed writers.
-        assert sorted(os.listdir(directory)) == ['cbpnet-000001.pt', 'cbpnet-000002.pt']
+        assert sorted(set(os.listdir(directory)) - {RUNTIME_CACHE_DIR}) == [
+            'cbpnet-000001.pt', 'cbpnet-000002.pt']
 
 
 # ------------------------------------------------------------------------------ bad files

@@ -91,7 +91,7 @@ def test_the_launched_command_line_reaches_the_node(monkeypatch, prefix):
     """rcl parses the ``--ros-args`` the launch file builds: the remapped camera is a
     CompressedImage subscription (type from the name after remapping), the QoS override and
     the namespace apply."""
-    from ros2_cbpnet.node import CBPNetNode
+    from ros2_cbpnet.ros.node import CBPNetNode
     from ros_helpers import ros_context
 
     launched = _launch(monkeypatch, prefix, image_topic='/front/image_raw/compressed',

@@ -31,13 +31,13 @@ LAUNCH_FILE = ROOT / 'launch' / 'cbpnet.launch.py'
 CONFIGS = sorted((ROOT / 'config').glob('*.yaml'))
 #: The launch arguments docs/interface.md promises, and those the README documents.
 LAUNCH_ARGUMENTS = {'config', 'namespace', 'image_topic', 'backbone', 'device', 'image_qos',
-                    'log_level', 'checkpoint_dir', 'recipe'}
+                    'log_level', 'checkpoint_dir', 'recipe', 'lifecycle'}
 PACKAGE = 'ros2_cbpnet'
 
 
 def _node_api():
     """The node's parameter API; the node module re-exports it wherever it lives."""
-    for name in ('ros2_cbpnet.node', 'ros2_cbpnet.node_parameters'):
+    for name in ('ros2_cbpnet.ros.node', 'ros2_cbpnet.ros.parameters'):
         module = importlib.import_module(name)
         if all(hasattr(module, a) for a in ('DEFAULTS', 'PARAMETERS', 'check_parameters')):
             return module
@@ -230,8 +230,18 @@ def test_launch_file_names_the_console_script():
     kwargs = {kw.arg: kw.value for kw in nodes[0].keywords}
     assert ast.literal_eval(kwargs['package']) == PACKAGE
     assert ast.literal_eval(kwargs['name']) == 'cbpnet'
-    executable = ast.literal_eval(kwargs['executable'])
-    assert _console_scripts().get(executable) == 'ros2_cbpnet.node:main'
+    # executable='cbpnet_lifecycle_node' if managed else 'cbpnet_node'
+    choice = kwargs['executable']
+    assert isinstance(choice, ast.IfExp)
+    managed, plain = ast.literal_eval(choice.body), ast.literal_eval(choice.orelse)
+    assert _console_scripts().get(plain) == 'ros2_cbpnet.ros.node:main'
+    assert _console_scripts().get(managed) == 'ros2_cbpnet.ros.lifecycle_node:main'
+
+
+def test_lifecycle_argument_starts_the_managed_node(monkeypatch, prefix, tmp_path):
+    node = _the_node(_launch(monkeypatch, prefix, tmp_path, lifecycle='true'))
+    assert node.cmd[0] == str(prefix / 'lib' / PACKAGE / 'cbpnet_lifecycle_node')
+    assert (node.node_name, node.namespace) == ('cbpnet', '/')
 
 
 def test_launch_defaults_run_the_installed_node_with_the_package_config(

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ros2_cbpnet import checkpoint as ckpt
-from ros2_cbpnet.datasets import load_dataset, task_subset
-from ros2_cbpnet.learner import (ContinualLearner, LearnerBusyError, LearnerConfig,
-                                 LearningError)
-from ros2_cbpnet.model import load_backbone
+from ros2_cbpnet.learning import checkpoint as ckpt
+from ros2_cbpnet.learning.datasets import load_dataset, task_subset
+from ros2_cbpnet.learning.learner import (ContinualLearner, LearnerBusyError, LearnerConfig,
+                                          LearningError)
+from ros2_cbpnet.learning.model import load_backbone
 
 #: The learned recipe (prompts, CBP block and head trained), small and quick.
 FAST = dict(image_size=48, epochs=3, batch_size=16, learning_rate=0.01, prediction='task',

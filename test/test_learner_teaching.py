@@ -4,10 +4,10 @@ import threading
 import numpy as np
 import pytest
 
-from ros2_cbpnet.datasets import load_dataset, task_subset
-from ros2_cbpnet.learner import (ContinualLearner, LearnerBusyError, LearnerConfig,
-                                 LearningCancelled, LearningError)
-from ros2_cbpnet.model import load_backbone
+from ros2_cbpnet.learning.datasets import load_dataset, task_subset
+from ros2_cbpnet.learning.learner import (ContinualLearner, LearnerBusyError, LearnerConfig,
+                                          LearningCancelled, LearningError)
+from ros2_cbpnet.learning.model import load_backbone
 
 FAST = dict(image_size=32, epochs=2, batch_size=16, learning_rate=0.01)
 

@@ -1,12 +1,12 @@
-"""Tests of ros2_cbpnet.metrics, ros2_cbpnet.plotting and ros2_cbpnet.progress (no ROS)."""
+"""Tests of the metrics, the plots and the progress bar (no ROS)."""
 
 
 import numpy as np
 import pytest
 
-from ros2_cbpnet.metrics import (average_accuracy, forgetting, format_matrix,
-                                 learning_accuracy, summarize)
-from ros2_cbpnet.plotting import plot_accuracy_curves
+from ros2_cbpnet.learning.metrics import (average_accuracy, forgetting, format_matrix,
+                                          learning_accuracy, summarize)
+from ros2_cbpnet.learning.plotting import plot_accuracy_curves
 
 # Row i: accuracies on tasks 0..i after learning task i.
 TRIANGLE = [

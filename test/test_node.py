@@ -16,8 +16,8 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from ros2_cbpnet.node import DEFAULTS, PARAMETERS, ConfigError, CBPNetNode
-from ros2_cbpnet.vision_msgs_bridge import load_vision_msgs
+from ros2_cbpnet.ros.node import DEFAULTS, PARAMETERS, ConfigError, CBPNetNode
+from ros2_cbpnet.ros.vision_msgs_bridge import load_vision_msgs
 from ros_helpers import (LATCHED, diagnostic_status, noisy_images, node_in_process, ros_context,
                          wait_until)
 

@@ -1,5 +1,5 @@
 """The node's camera input (in-process, private rclpy context, real DDS on loopback):
-camera callbacks on their own thread (``ros2_cbpnet.camera_input``), frames decoded to the
+camera callbacks on their own thread (``ros2_cbpnet.ros.camera_input``), frames decoded to the
 model input on arrival, several cameras in one model call, services answered while the model
 runs, remapped camera topics, and the shutdown order.
 """
@@ -11,8 +11,8 @@ import pytest
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image
 
-from ros2_cbpnet.camera_input import CAMERA_THREAD_NAME
-from ros2_cbpnet.node import CBPNetNode
+from ros2_cbpnet.ros.camera_input import CAMERA_THREAD_NAME
+from ros2_cbpnet.ros.node import CBPNetNode
 from ros_helpers import (RosClient, Spinner, noisy_images, node_in_process, ros_context,
                          wait_until)
 
@@ -222,7 +222,7 @@ def test_stop_joins_the_camera_thread_and_destroy_is_clean():
 def test_a_dead_camera_thread_is_an_error_in_diagnostics():
     from diagnostic_msgs.msg import DiagnosticStatus
 
-    from ros2_cbpnet.node_diagnostics import InferenceHealth, inference_health
+    from ros2_cbpnet.ros.diagnostics import InferenceHealth, inference_health
     health = dict(worker_alive=True, failed_batches=0, last_error='', seconds_since_frame=0.1,
                   seconds_since_start=10.0, received_in_period=5, rejected_in_period=0)
     assert inference_health(InferenceHealth(**health))[0] == DiagnosticStatus.OK
@@ -277,7 +277,7 @@ def test_sigint_while_cameras_stream_exits_cleanly(tmp_path):
 
 @pytest.mark.parametrize('context_ok, logged', [(True, 1), (False, 0)])
 def test_a_failing_callback_is_logged_unless_the_node_is_shutting_down(context_ok, logged):
-    from ros2_cbpnet import node as node_module
+    from ros2_cbpnet.ros.callbacks import guarded_callback
 
     class Stand:  # what the guard uses of a node: its context and its logger
         errors = []
@@ -286,7 +286,7 @@ def test_a_failing_callback_is_logged_unless_the_node_is_shutting_down(context_o
         def get_logger(self):
             return type('Logger', (), {'error': lambda _, text, **kw: Stand.errors.append(text)})()
 
-    @node_module._guarded_callback('camera')
+    @guarded_callback('camera')
     def callback(self, msg):
         raise RuntimeError("publisher's context is invalid")
 

@@ -12,20 +12,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ros2_cbpnet.learner import LearnerConfig, Prediction
-from ros2_cbpnet.node import prediction_record
-from ros2_cbpnet.node_diagnostics import (ERROR, FAILING_AFTER, OK, STALE_INPUT_S, WARN,
-                                          InferenceHealth, NodeStats, StatusBuilder,
-                                          inference_health, status_prefix)
-from ros2_cbpnet.node_parameters import (DEFAULTS, LEARNER_PARAMS, NODE_DEFAULT_OVERRIDES,
-                                         NOT_EXPOSED, PARAMETERS, check_parameters)
-from ros2_cbpnet.inference_worker import InferenceWorker
-from ros2_cbpnet.ros_logging import (PACKAGE_LOGGER, RosLogHandler, forward_package_logs,
-                                     stop_forwarding)
-from ros2_cbpnet.teaching import TeachSession
-from ros2_cbpnet.vision_msgs_bridge import (VisionTypes, classification_message, hypotheses,
-                                            load_vision_msgs, method_name,
-                                            vision_info_message)
+from ros2_cbpnet.learning.learner import LearnerConfig, Prediction
+from ros2_cbpnet.ros.node import prediction_record
+from ros2_cbpnet.ros.counters import NodeStats
+from ros2_cbpnet.ros.diagnostics import (ERROR, FAILING_AFTER, OK, STALE_INPUT_S, WARN,
+                                         InferenceHealth, StatusBuilder, inference_health,
+                                         status_prefix)
+from ros2_cbpnet.ros.parameters import (DEFAULTS, LEARNER_PARAMS, NODE_DEFAULT_OVERRIDES,
+                                        NOT_EXPOSED, PARAMETERS, check_parameters)
+from ros2_cbpnet.ros.inference_worker import InferenceWorker
+from ros2_cbpnet.ros.ros_logging import (PACKAGE_LOGGER, RosLogHandler, forward_package_logs,
+                                         stop_forwarding)
+from ros2_cbpnet.ros.teaching import TeachSession
+from ros2_cbpnet.ros.vision_msgs_bridge import (VisionTypes, classification_message, hypotheses,
+                                                load_vision_msgs, method_name,
+                                                vision_info_message)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ros2_cbpnet.learner import LearnerConfig
+from ros2_cbpnet.learning.learner import LearnerConfig
 from ros2_cbpnet.tools.eval_plasticity import FrozenInputs, run_plasticity
 
 

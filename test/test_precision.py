@@ -8,9 +8,9 @@ import types
 import pytest
 import torch
 
-from ros2_cbpnet import precision as prec_mod
-from ros2_cbpnet.precision import (TrainingPrecision, autocast_dtype, default_precision,
-                                   resolve_precision)
+from ros2_cbpnet.learning import precision as prec_mod
+from ros2_cbpnet.learning.precision import (TrainingPrecision, autocast_dtype, default_precision,
+                                            resolve_precision)
 
 CPU = torch.device('cpu')
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ros2_cbpnet.model import CBPNet, load_backbone
+from ros2_cbpnet.learning.model import LearnedState, load_backbone
 
 
 @pytest.fixture(scope='module')
@@ -42,7 +42,7 @@ def _features(st, bb, x, task_ids):
 
 def _state(bb, **kw):
     torch.manual_seed(1)
-    st = CBPNet(bb, **kw)
+    st = LearnedState(bb, **kw)
     for t in range(3):
         st.add_task()
         st.add_classes(2, t)
@@ -77,7 +77,7 @@ def test_prefix_keeps_sequence_length_and_changes_output(vit):
 
 def test_cnn_zero_prompts_are_identity_and_mixed_batch_is_per_sample(cnn):
     x = torch.randn(3, 3, 64, 64)
-    st = CBPNet(cnn, g_prompt_layers=[5], e_prompt_layers=[6, 7])
+    st = LearnedState(cnn, g_prompt_layers=[5], e_prompt_layers=[6, 7])
     st.add_task()
     st.add_classes(2, 0)
     st.eval()
@@ -103,7 +103,7 @@ def test_trunk_sharing_matches_the_full_pass(cnn):
 
 
 def test_new_e_prompt_starts_from_the_previous_one_with_a_fresh_key(vit):
-    st = CBPNet(vit, g_prompt_layers=[0], e_prompt_layers=[1, 2])
+    st = LearnedState(vit, g_prompt_layers=[0], e_prompt_layers=[1, 2])
     st.add_task()
     with torch.no_grad():
         st.prompts.e_prompts[0]['1'].fill_(0.25)
@@ -148,7 +148,7 @@ def test_task_conditional_prediction_is_a_distribution(vit):
 
 
 def test_growth_keeps_old_head_rows(vit):
-    st = CBPNet(vit, g_prompt_layers=[0], e_prompt_layers=[1])
+    st = LearnedState(vit, g_prompt_layers=[0], e_prompt_layers=[1])
     st.add_task()
     st.add_classes(2, 0)
     old = st.head.weight.detach().clone()
@@ -160,4 +160,4 @@ def test_growth_keeps_old_head_rows(vit):
 
 def test_out_of_range_prompt_layer_is_refused(vit):
     with pytest.raises(ValueError, match='out of range'):
-        CBPNet(vit, e_prompt_layers=[99])
+        LearnedState(vit, e_prompt_layers=[99])

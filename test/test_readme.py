@@ -17,7 +17,7 @@ README = (ROOT / 'README.md').read_text()
 def _declared():
     """``(DEFAULTS, PARAMETERS)`` of the node. The node module re-exports them; should they
     live in a module of their own, that is looked up too, so the test follows the code."""
-    for name in ('ros2_cbpnet.node', 'ros2_cbpnet.node_parameters', 'ros2_cbpnet.parameters'):
+    for name in ('ros2_cbpnet.ros.node', 'ros2_cbpnet.ros.parameters', 'ros2_cbpnet.parameters'):
         try:
             module = importlib.import_module(name)
         except ImportError:
@@ -74,10 +74,10 @@ def _node_interface_names():
     """Every topic and service name the node creates, read from the source of
     ``CBPNetNode._create_interfaces`` (where all of them are made; ``~/x`` and absolute
     names), and the names of its diagnostics statuses (``StatusBuilder.status('<task>', ...)``
-    in ros2_cbpnet/node_diagnostics.py). Read from the code, so a new interface cannot be
+    in ros2_cbpnet/ros/diagnostics.py). Read from the code, so a new interface cannot be
     left out of this test."""
-    from ros2_cbpnet import node_diagnostics
-    from ros2_cbpnet.node import CBPNetNode
+    from ros2_cbpnet.ros import diagnostics as node_diagnostics
+    from ros2_cbpnet.ros.node import CBPNetNode
     tree = ast.parse(textwrap.dedent(inspect.getsource(CBPNetNode._create_interfaces)))
     # Strings compared with a name (``.endswith('/compressed')``) are not names themselves.
     compared = {id(arg) for call in ast.walk(tree) if isinstance(call, ast.Call)

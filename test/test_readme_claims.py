@@ -61,7 +61,7 @@ def _figure(pattern):
 
 # ------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_size_and_growth_per_task(tmp_path):
-    from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
+    from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
     from ros_helpers import noisy_images
 
     first_mb = _figure(r'checkpoint size \| ([\d.]+) MB with 1 task')
@@ -212,7 +212,7 @@ def test_short_soak_memory_per_task(tmp_path):
     that slope is the growth per task."""
     from rclpy.qos import qos_profile_sensor_data
 
-    from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+    from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
     from ros_helpers import (client_in_process, node_process, read_log, soak_module,
                              write_params_file)
 

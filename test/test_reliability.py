@@ -30,9 +30,11 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from ros2_cbpnet import checkpoint as ckpt
-from ros2_cbpnet.image_codec import rgb_to_image_msg
-from ros2_cbpnet.sample_buffer import MAX_LABEL_LENGTH, SampleBuffer, validate_label
+from ros2_cbpnet.learning import checkpoint as ckpt
+from ros2_cbpnet.learning import frozen_runtime
+from ros2_cbpnet.ros.node_core import RUNTIME_CACHE_DIR
+from ros2_cbpnet.ros.image_codec import rgb_to_image_msg
+from ros2_cbpnet.ros.sample_buffer import MAX_LABEL_LENGTH, SampleBuffer, validate_label
 from ros_helpers import (LATCHED, RosClient, Spinner, camera_frames, diagnostic_status,
                          noisy_images, node_in_process, node_process, read_log, ros_env,
                          spare_domain_id, wait_until, write_params_file)
@@ -178,11 +180,17 @@ def test_path_like_and_unicode_labels_end_to_end(harness, learned):
     saved = c.call_trigger('~/save')
     assert saved.success, saved.message
 
-    # Only checkpoint files, only in checkpoint_dir; the labels live inside them as strings.
-    files = os.listdir(checkpoint_dir)
+    # Only checkpoint files, only in checkpoint_dir (and the ONNX export cache in its own
+    # sub-folder); the labels live inside the checkpoints as strings.
+    files = [n for n in os.listdir(checkpoint_dir) if n != RUNTIME_CACHE_DIR]
     assert files and all(ckpt._NAME.match(name) for name in files), files
-    assert _tree(root) == ['robot', 'robot/data', 'robot/data/checkpoints'] + [
-        f'robot/data/checkpoints/{name}' for name in sorted(files)]
+    cache = checkpoint_dir / RUNTIME_CACHE_DIR
+    cached = [f'robot/data/checkpoints/{RUNTIME_CACHE_DIR}/{p.name}'
+              for p in cache.iterdir()] if cache.is_dir() else []
+    assert all(Path(name).name.startswith(frozen_runtime._CACHE_PREFIX) for name in cached)
+    assert _tree(root) == sorted(['robot', 'robot/data', 'robot/data/checkpoints'] + [
+        f'robot/data/checkpoints/{name}' for name in files] + cached + (
+        [f'robot/data/checkpoints/{RUNTIME_CACHE_DIR}'] if cache.is_dir() else []))
     payload = ckpt.read_checkpoint(str(checkpoint_dir / sorted(files)[-1]))
     assert payload['classes'] == sorted(ODD_LABELS)
     if learned['passwd'] is not None:
@@ -270,7 +278,7 @@ def _assert_intact(harness, baseline, tag):
 
 def _digest(directory):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(directory).iterdir())}
+            for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
 
 def _learn_refused(client, *words):

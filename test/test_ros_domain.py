@@ -1,4 +1,4 @@
-"""ROS domain ids locked per run (scripts/ros_domain.py), and the cleanup helpers of
+"""ROS domain ids locked per run (ros2_cbpnet.tools.ros_domain), and the cleanup helpers of
 test/proc_cleanup.py: concurrent runs never share a domain, a dead run frees its ids, and
 only shared memory of our own dead processes is removed."""
 import os
@@ -13,11 +13,10 @@ import pytest
 import proc_cleanup
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / 'scripts' / 'ros_domain.py'
+#: The program: ``python -m ros2_cbpnet.tools.ros_domain [options] -- command``.
+SCRIPT = ['-m', 'ros2_cbpnet.tools.ros_domain']
 # Prints the ids the command sees, and whether conftest's logic keeps them (it must).
-SHOW = ('import importlib.util, os, sys; '
-        f'spec = importlib.util.spec_from_file_location("d", {str(SCRIPT)!r}); '
-        'm = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); '
+SHOW = ('import os, sys; from ros2_cbpnet.tools import ros_domain as m; '
         'env = os.environ["ROS_DOMAIN_ID"], os.environ["ROS2_CBPNET_DOMAIN_IDS"]; '
         'kept = m.ensure_domains(2); '
         'print(env[0], env[1], ",".join(map(str, kept)), flush=True); '
@@ -27,7 +26,7 @@ SHOW = ('import importlib.util, os, sys; '
 def _start(*args, env=None):
     environ = dict(os.environ, **(env or {}))
     environ.pop('ROS2_CBPNET_DOMAIN_IDS', None)  # not the ids of the run testing this
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, '--', sys.executable, '-c',
+    proc = subprocess.Popen([sys.executable, *SCRIPT, *args, '--', sys.executable, '-c',
                              SHOW], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=environ)
     first, ids, kept = proc.stdout.readline().split()
@@ -88,7 +87,7 @@ def test_a_killed_run_frees_its_ids_and_an_unlocked_env_id_is_not_trusted():
         assert first != taken
     finally:
         _stop(proc)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), '--keep-env', '--', sys.executable,
+    proc = subprocess.Popen([sys.executable, *SCRIPT, '--keep-env', '--', sys.executable,
                              '-c', 'import os; print(os.environ["ROS_DOMAIN_ID"])'],
                             stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, ROS_DOMAIN_ID='42'))
@@ -122,3 +121,18 @@ def test_sweep_removes_only_unused_files_of_our_dead_processes(tmp_path):
         for p in (path, other, Path('/dev/shm') / (name + '_el')):
             if p.exists():
                 p.unlink()
+
+
+def test_tools_keep_a_chosen_domain_and_lock_one_otherwise():
+    from ros2_cbpnet.tools import ros_domain
+    chosen = {'ROS_DOMAIN_ID': '17', 'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET'}
+    assert ros_domain.lock_unless_set(chosen) == 17
+    assert chosen['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'LOCALHOST'  # never off this machine
+    fresh = {}
+    got = ros_domain.lock_unless_set(fresh)
+    try:
+        assert fresh['ROS_DOMAIN_ID'] == str(got)
+        # This process holds the id's lock: nobody else can take it while the tool runs.
+        assert ros_domain._try_lock(got) is None
+    finally:
+        ros_domain.release([got])

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ros2_cbpnet.learner import ContinualLearner, LearnerConfig
-from ros2_cbpnet.metrics import effective_rank
-from ros2_cbpnet.model import load_backbone
-from ros2_cbpnet.model.statistics import ClassStatistics
+from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
+from ros2_cbpnet.learning.metrics import effective_rank
+from ros2_cbpnet.learning.model import load_backbone
+from ros2_cbpnet.learning.model.statistics import ClassStatistics
 
 ALL = torch.ones(3, dtype=torch.bool)
 
@@ -148,7 +148,7 @@ def test_a_checkpoint_of_the_first_layout_still_loads():
 def digits_queries():
     """Multi-layer queries of digits through the embedded backbone, on a validation split
     (every other class keeps a tenth of its training images) and its held-out images."""
-    from ros2_cbpnet.datasets import load_dataset
+    from ros2_cbpnet.learning.datasets import load_dataset
     from ros2_cbpnet.tools.eval_protocols import thin_classes, validation_split
     data = thin_classes(validation_split(load_dataset('digits', seed=0), 0.2, 0), 10, 0)
     learner = ContinualLearner(LearnerConfig(image_size=64, device='cpu'))

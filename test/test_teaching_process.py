@@ -21,7 +21,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from ros2_cbpnet.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
 from ros_helpers import (LATCHED, NODE_EXECUTABLE, client_in_process, noisy_images,
                          node_process, read_log, stop_process, wait_until, write_params_file)
 

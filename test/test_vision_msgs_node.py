@@ -11,8 +11,8 @@ import threading
 import numpy as np
 import pytest
 
-from ros2_cbpnet.node import CBPNetNode
-from ros2_cbpnet.vision_msgs_bridge import method_name
+from ros2_cbpnet.ros.node import CBPNetNode
+from ros2_cbpnet.ros.vision_msgs_bridge import method_name
 from ros_helpers import LATCHED, noisy_images, node_in_process
 from test_node_parts import FAKE
 
@@ -59,7 +59,7 @@ def _expected_results(prediction):
 
 
 def test_classification_and_vision_info_are_published_with_vision_msgs(monkeypatch):
-    monkeypatch.setattr('ros2_cbpnet.node.load_vision_msgs', lambda: (FAKE, ''))
+    monkeypatch.setattr('ros2_cbpnet.ros.node_core.load_vision_msgs', lambda: (FAKE, ''))
     fakes = {}
     create_publisher = CBPNetNode.create_publisher
 

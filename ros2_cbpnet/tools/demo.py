@@ -32,8 +32,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from ..datasets import DatasetError, ImageDataset, load_dataset, split_tasks, task_subset
-from ..metrics import format_matrix, summarize
+from ..learning.datasets import DatasetError, ImageDataset, load_dataset, split_tasks, task_subset
+from ..learning.metrics import format_matrix, summarize
+from . import ros_domain
 
 #: Cameras the demo streams test frames on; the node batches frames waiting on several.
 NUM_CAMERAS = 4
@@ -42,9 +43,8 @@ NODE_NAME = 'cbpnet'
 
 def ros_environment() -> Dict[str, str]:
     """Environment for the node and this client: DDS on loopback, a domain of this run."""
+    ros_domain.lock_unless_set()
     env = dict(os.environ)
-    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    env.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
     env.setdefault('AMENT_PREFIX_PATH', sys.prefix)
     env['HF_HUB_OFFLINE'] = '1'
     env['PYTHONUNBUFFERED'] = '1'
@@ -88,7 +88,7 @@ class NodeProcess:
     def __init__(self, params_file: Path, log_path: Path, env: Dict[str, str],
                  extra_params: Sequence[str]) -> None:
         exe = Path(sys.executable).parent / 'cbpnet_node'
-        cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'ros2_cbpnet.node']
+        cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'ros2_cbpnet.ros.node']
         cmd += ['--ros-args', '--params-file', str(params_file)]
         for item in extra_params:
             cmd += ['-p', item]
@@ -495,7 +495,7 @@ def run(args: argparse.Namespace) -> int:
         if missing_total:
             print(f'{missing_total} test frames got no prediction (counted as wrong)')
         try:
-            from ..plotting import plot_accuracy_curves
+            from ..learning.plotting import plot_accuracy_curves
             plot = plot_accuracy_curves([summary], str(out_dir / 'demo_accuracy.png'),
                                         title=f'cbpnet-demo on {args.dataset}')
             summary['plot'] = plot

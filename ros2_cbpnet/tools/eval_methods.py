@@ -1,9 +1,9 @@
 """The methods ``cbpnet-eval`` compares, and how each one is configured (no ROS).
 
-Learner methods (:class:`~ros2_cbpnet.learner.ContinualLearner`, all on the same frozen
+Learner methods (:class:`~ros2_cbpnet.learning.learner.ContinualLearner`, all on the same frozen
 backbone, seeds and splits):
 
-- ``cbpnet``: the learner with its defaults (:class:`~ros2_cbpnet.learner.LearnerConfig`);
+- ``cbpnet``: the learner with its defaults (:class:`~ros2_cbpnet.learning.learner.LearnerConfig`);
 - ``cbpnet-nocbp``: the same with ``cbp_enabled=False`` (block kept, never re-initialised);
 - ``cbpnet-paper``: the published CBPNet, ``recipe='paper'`` (DualPrompt prompts with
   key-query selection, the CBP block, one softmax head over all classes, the G-prompt trained
@@ -13,7 +13,7 @@ backbone, seeds and splits):
 - ``joint``: the ``cbpnet`` configuration trained on all classes seen so far at once, after
   every task (not continual: the upper bound of the same architecture).
 
-Baselines on frozen features (:mod:`ros2_cbpnet.baselines`): ``lda``, ``ranpac``, ``ncm``,
+Baselines on frozen features (:mod:`ros2_cbpnet.learning.baselines`): ``lda``, ``ranpac``, ``ncm``,
 ``linear``. By default they use the backbone's pre-logits feature; ``--baseline-query
 multilayer`` gives them CBPNet's multi-layer query instead.
 """
@@ -25,10 +25,10 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..baselines import BASELINES, FrozenFeatureBaseline
-from ..learner import ContinualLearner, LearnerConfig
-from ..learner_config import RECIPES
-from ..model.backbones import Backbone
+from ..learning.baselines import BASELINES, FrozenFeatureBaseline
+from ..learning.learner import ContinualLearner, LearnerConfig
+from ..learning.config import RECIPES
+from ..learning.model.backbones import Backbone
 
 __all__ = ['BASELINE_METHODS', 'LEARNER_METHODS', 'METHODS', 'METHOD_RECIPES', 'Model',
            'learner_config', 'make_model']

@@ -40,15 +40,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..datasets import ImageDataset
-from ..image_resize import resize_batch
-from ..learner import LearnerConfig, resolve_device
-from ..learner_config import default_prompt_layers
-from ..metrics import effective_rank
-from ..model.backbones import Backbone, backbone_parameter_count
-from ..model.cbp import CBPBlock
-from ..model.head import ClassifierHead
-from ..model.prompts import PromptPool
+from ..learning.datasets import ImageDataset
+from ..learning.image_resize import resize_batch
+from ..learning.learner import LearnerConfig, resolve_device
+from ..learning.metrics import effective_rank
+from ..learning.model.backbones import Backbone, backbone_parameter_count
+from ..learning.model.cbp import CBPBlock
+from ..learning.model.head import ClassifierHead
+from ..learning.model.prompts import PromptPool
 from .eval_methods import LEARNER_METHODS
 from .eval_protocols import last_tasks_summary
 
@@ -110,7 +109,7 @@ class _LearnedPath:
         if self.first_layer is not None:
             if backbone is None:
                 raise ValueError('prompts need the backbone')
-            g, e = default_prompt_layers(backbone)
+            g, e = backbone.default_prompt_layers()
             self.prompts = PromptPool(
                 backbone, g_prompt_length=c.g_prompt_length,
                 g_prompt_layers=[] if c.g_prompt_layers == [-1] else (c.g_prompt_layers or g),
@@ -258,7 +257,7 @@ def run_plasticity_method(method: str, data: ImageDataset, config: LearnerConfig
         raise ValueError(f'the plasticity protocol runs learner methods, not {method!r}')
     first_layer = None
     if args.plasticity_prompts:
-        g, e = default_prompt_layers(backbone)
+        g, e = backbone.default_prompt_layers()
         first_layer = min((config.g_prompt_layers or g) + (config.e_prompt_layers or e))
     if first_layer not in cache:
         cache[first_layer] = frozen_inputs(data, backbone, config.image_size, config.device,

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..baselines import StreamingLDA
-from ..datasets import ImageDataset, task_subset
-from ..learner import ContinualLearner, LearnerConfig, Progress
-from ..metrics import effective_rank, summarize
-from ..model.backbones import Backbone
+from ..learning.baselines import StreamingLDA
+from ..learning.datasets import ImageDataset, task_subset
+from ..learning.learner import ContinualLearner, LearnerConfig, Progress
+from ..learning.metrics import effective_rank, summarize
+from ..learning.model.backbones import Backbone
 from .eval_methods import Model, make_model, model_config
 
 __all__ = ['auroc', 'last_tasks_summary', 'run_incremental', 'run_lifetime', 'score',

@@ -45,7 +45,7 @@ over the rounds of each figure, and ``machine.other_processes_cores_busy`` how m
 everything else used meanwhile. On a shared CPU machine prefer ``--threads 1``.
 """
 from .cli import build_parser, main, run_bench
-from .common import synthetic_frame, synthetic_task
+from .timing import synthetic_frame, synthetic_task
 from .report import format_table, targets
 
 __all__ = ['build_parser', 'format_table', 'main', 'run_bench', 'synthetic_frame',

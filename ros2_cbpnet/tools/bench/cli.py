@@ -10,7 +10,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..cli_types import positive_int
-from .common import CAMERA_RATE_HZ, log
+from .timing import CAMERA_RATE_HZ, log
 from .machine import cpu_times, machine_info, other_load
 from .report import format_table, targets
 
@@ -137,8 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    from ...learner import resolve_device
-    from ...precision import resolve_precision
+    from ...learning.learner import resolve_device
+    from ...learning.precision import resolve_precision
 
     try:
         device = resolve_device(args.device)

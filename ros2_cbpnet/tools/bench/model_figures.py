@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .common import (BATCH_SIZES, FRAME_HW, DeviceClock, Rounds, log, median, ratio, spread,
+from .timing import (BATCH_SIZES, FRAME_HW, DeviceClock, Rounds, log, median, ratio, spread,
                      synthetic_frame, synthetic_task)
 from .memory import PeakRSS
 from .scaling import distinct_tasks_selected, grow_chain, load_learner, scaling_figures
@@ -65,7 +65,7 @@ def _epochs_run(result: Any, default: int) -> int:
 
 
 def _learner_configs(args, modes: Dict[str, bool]):
-    from ...learner import LearnerConfig
+    from ...learning.learner import LearnerConfig
 
     kw = dict(backbone=args.backbone, backbone_checkpoint=args.backbone_checkpoint,
               device=args.device, precision=args.precision, image_size=args.image_size)
@@ -89,9 +89,9 @@ def model_section(args, device) -> Dict[str, Any]:
     """Backbone, inference, learning, scaling, memory and checkpoint figures."""
     import torch
 
-    from ...learner import ContinualLearner
-    from ...model import load_backbone
-    from ...precision import TrainingPrecision
+    from ...learning.learner import ContinualLearner
+    from ...learning.model import load_backbone
+    from ...learning.precision import TrainingPrecision
 
     t_load = time.perf_counter()
     backbone = load_backbone(args.backbone, args.backbone_checkpoint, image_size=args.image_size)

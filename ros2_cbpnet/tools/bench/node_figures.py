@@ -26,7 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .common import CAMERA_RATE_HZ, FRAME_HW, log, percentiles, synthetic_frame, synthetic_task
+from .. import ros_domain
+from .timing import CAMERA_RATE_HZ, FRAME_HW, log, percentiles, synthetic_frame, synthetic_task
 from .memory import RSSSampler, proc_status_kb
 from .node_profile import breakdown_from_raw
 
@@ -36,10 +37,7 @@ JPEG_QUALITY = 80
 
 def ros_env() -> Dict[str, str]:
     """DDS on loopback, in a domain of this run's own (unless the caller chose one)."""
-    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    # Valid ids are 1..101 (Fast DDS ports); `make bench` locks a free one through
-    # scripts/ros_domain.py, this is only the fallback when run directly.
-    os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 101))
+    ros_domain.lock_unless_set()
     env = dict(os.environ)
     env.setdefault('PYTHONUNBUFFERED', '1')
     env.setdefault('HF_HUB_OFFLINE', '1')
@@ -54,7 +52,7 @@ def node_command(params_file: str, command: str = '') -> List[str]:
         return shlex.split(command) + ros_args
     if os.access(exe, os.X_OK):
         return [exe] + ros_args
-    return [sys.executable, '-c', 'import sys; from ros2_cbpnet.node import main; '
+    return [sys.executable, '-c', 'import sys; from ros2_cbpnet.ros.node import main; '
             'sys.exit(main())'] + ros_args
 
 
@@ -234,7 +232,7 @@ class _Profiler:
 
 def _camera_msgs(cams: int) -> Tuple[List[List[Any]], List[List[Any]], int]:
     """Two alternating frames per camera, raw bgr8 and JPEG; and the mean JPEG bytes."""
-    from ...image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+    from ...ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
 
     rng = np.random.default_rng(2)
     # Mild sensor noise: JPEG of heavy uniform noise would be far larger than a camera's.
@@ -256,7 +254,7 @@ def node_section(args) -> Dict[str, Any]:
     from sensor_msgs.msg import CompressedImage, Image
     from std_srvs.srv import Trigger
 
-    from ...image_codec import rgb_to_image_msg
+    from ...ros.image_codec import rgb_to_image_msg
 
     runs: List[Tuple[int, str]] = [(n, 'raw') for n in args.node_cameras]
     runs += [(n, 'compressed') for n in args.node_compressed_cameras]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from .common import BATCH_SIZES
+from .timing import BATCH_SIZES
 
 TARGET_FLOOR_B8 = 0.90
 TARGET_FLOOR_B1 = 0.85

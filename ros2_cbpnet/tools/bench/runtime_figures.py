@@ -28,7 +28,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .common import FRAME_HW, DeviceClock, Rounds, log, median, ratio, synthetic_frame, \
+from .timing import FRAME_HW, DeviceClock, Rounds, log, median, ratio, synthetic_frame, \
     synthetic_task
 
 RUNTIMES = ('torch', 'onnxruntime')
@@ -39,8 +39,8 @@ def runtime_section(args, device) -> Dict[str, Any]:
     """The side-by-side figures (and the node per runtime unless ``--skip-node``)."""
     import torch
 
-    from ...learner import ContinualLearner, LearnerConfig
-    from ...model import load_backbone
+    from ...learning.learner import ContinualLearner, LearnerConfig
+    from ...learning.model import load_backbone
 
     backbone = load_backbone(args.backbone, args.backbone_checkpoint, image_size=args.image_size)
     rng = np.random.default_rng(0)

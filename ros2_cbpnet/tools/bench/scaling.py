@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .common import log, synthetic_frame
+from .timing import log, synthetic_frame
 from .memory import settled_rss_mb
 
 #: Side of the small synthetic images of the filler tasks (the learner resizes them).
