@@ -96,6 +96,26 @@ default_precision; print(default_precision(torch.device("cuda")))')"
 fi
 RUNTIME_PROVIDERS="${RUNTIME_PROVIDERS:-cpu}"  # the dry run checks the loop on the CPU
 
+# One bench run: its log in $TMP/<run>.log; on failure an error record instead of figures.
+bench_run() {
+    local run=$1; shift
+    echo "gpu_bench.sh: $run ..." >&2
+    local t0 rc
+    t0=$(date +%s)
+    if timeout "$RUN_TIMEOUT_S" "$PY" -m ros2_cbpnet.tools.bench "$@" \
+            > "$TMP/$run.log" 2>&1; then
+        echo "gpu_bench.sh: $run done in $(( $(date +%s) - t0 )) s" >&2
+    else
+        rc=$?
+        echo "gpu_bench.sh: $run FAILED (exit $rc); last lines:" >&2
+        tail -5 "$TMP/$run.log" >&2
+        printf '{"error": "exit %s after %s s", "log_tail": %s}\n' "$rc" \
+            "$(( $(date +%s) - t0 ))" \
+            "$(tail -20 "$TMP/$run.log" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')" \
+            > "$TMP/$run.error.json"
+    fi
+}
+
 echo "gpu_bench.sh: device $DEVICE, precisions [$PRECISIONS], scaling figures in" \
      "$SCALING_PRECISION; results in $OUT" >&2
 t_all=$(date +%s)
@@ -111,44 +131,18 @@ for config in "${CONFIGS[@]}"; do
               "${scaling[@]}")
         [ -n "$weights" ] && args+=(--backbone-checkpoint "$weights")
         [ -n "$PREDICTION" ] && args+=(--prediction "$PREDICTION")
-        echo "gpu_bench.sh: $run ..." >&2
-        t0=$(date +%s)
-        if timeout "$RUN_TIMEOUT_S" "$PY" -m ros2_cbpnet.tools.bench "${args[@]}" \
-                > "$TMP/$run.log" 2>&1; then
-            echo "gpu_bench.sh: $run done in $(( $(date +%s) - t0 )) s" >&2
-        else
-            rc=$?
-            echo "gpu_bench.sh: $run FAILED (exit $rc); last lines:" >&2
-            tail -5 "$TMP/$run.log" >&2
-            printf '{"error": "exit %s after %s s", "log_tail": %s}\n' "$rc" \
-                "$(( $(date +%s) - t0 ))" \
-                "$(tail -20 "$TMP/$run.log" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')" \
-                > "$TMP/$run.error.json"
-        fi
+        bench_run "$run" "${args[@]}"
     done
 done
 
 # ---- the frozen pass in torch and ONNX Runtime, one execution provider per run (fp32)
 for provider in $RUNTIME_PROVIDERS; do
     run="runtime_lite0_128_${provider}"
-    echo "gpu_bench.sh: $run ..." >&2
-    t0=$(date +%s)
     args=(--device "$DEVICE" --backbone tf_efficientnet_lite0 --image-size 128
           --runtime both --onnx-providers "$provider" --no-table --out "$TMP/$run.json"
           "${COMMON[@]}")
     [ -n "$LITE0_WEIGHTS" ] && args+=(--backbone-checkpoint "$LITE0_WEIGHTS")
-    if timeout "$RUN_TIMEOUT_S" "$PY" -m ros2_cbpnet.tools.bench "${args[@]}" \
-            > "$TMP/$run.log" 2>&1; then
-        echo "gpu_bench.sh: $run done in $(( $(date +%s) - t0 )) s" >&2
-    else
-        rc=$?
-        echo "gpu_bench.sh: $run FAILED (exit $rc); last lines:" >&2
-        tail -5 "$TMP/$run.log" >&2
-        printf '{"error": "exit %s after %s s", "log_tail": %s}\n' "$rc" \
-            "$(( $(date +%s) - t0 ))" \
-            "$(tail -20 "$TMP/$run.log" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')" \
-            > "$TMP/$run.error.json"
-    fi
+    bench_run "$run" "${args[@]}"
 done
 
 mkdir -p "$(dirname "$OUT")"

@@ -109,6 +109,8 @@ def main() -> int:
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
+    from ros2_cbpnet.tools.bench.timing import Pacer
+
     rclpy.init()
     node = rclpy.create_node('receive_overhead_pub')
     qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -124,17 +126,11 @@ def main() -> int:
         while any(pub.get_subscription_count() == 0 for pub in pubs):
             time.sleep(0.05)
         time.sleep(0.3)
-        tick = 1.0 / (args.rate_hz * args.cameras)
-        next_t, k = time.perf_counter(), 0
+        pacer, k = Pacer(args.rate_hz, args.cameras), 0
         while sub.poll() is None:
             pubs[k % args.cameras].publish(msg)
             k += 1
-            next_t += tick
-            delay = next_t - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            elif delay < -tick:
-                next_t = time.perf_counter()
+            pacer.wait()
         line = sub.stdout.read().strip().splitlines()
         result = json.loads(line[-1]) if line else {'variant': variant, 'error': 'no output'}
         results.append(result)

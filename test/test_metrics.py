@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ros2_cbpnet.learning.metrics import (average_accuracy, forgetting, format_matrix,
-                                          learning_accuracy, summarize)
+                                          learning_accuracy, prediction_accuracy, summarize)
 from ros2_cbpnet.learning.plotting import plot_accuracy_curves
 
 # Row i: accuracies on tasks 0..i after learning task i.
@@ -112,3 +112,21 @@ def test_plot_one_and_two_results(tmp_path):
         plot_accuracy_curves([], str(tmp_path / 'none.png'))
     with pytest.raises(ValueError):
         plot_accuracy_curves([{'acc_matrix': TRIANGLE}], str(tmp_path / 'nomethod.png'))
+
+
+def test_prediction_accuracy_is_closed_set_top1_over_batches():
+    from types import SimpleNamespace
+
+    calls = []
+
+    def predict(batch, top_k):
+        calls.append((len(batch), top_k))
+        # The first frame is called unknown, but its top class is right: it counts.
+        return [SimpleNamespace(label='unknown' if x == 0 else 'b', topk=[(str(x % 3), 0.9)])
+                for x in batch]
+
+    images = list(range(7))
+    labels = ['0', '1', '2', '0', 'x', 'x', '0']
+    assert prediction_accuracy(predict, images, labels, batch_size=3) == 5 / 7
+    assert calls == [(3, 1), (3, 1), (1, 1)]
+    assert np.isnan(prediction_accuracy(predict, [], []))

@@ -50,6 +50,7 @@ from torch import nn
 
 from .config import resolve_device
 from .image_resize import resize_batch
+from .metrics import prediction_accuracy
 from .model.backbones import Backbone
 from .model.statistics import ClassStatistics
 from .types import Prediction, Progress, TaskResult
@@ -191,14 +192,7 @@ class FrozenFeatureBaseline:
     def evaluate(self, images: Sequence[np.ndarray], labels: Sequence[str],
                  batch_size: int = 64) -> float:
         """Accuracy over all classes seen so far (labels as class names)."""
-        if not len(images):
-            return float('nan')
-        correct = 0
-        for start in range(0, len(images), batch_size):
-            preds = self.predict(images[start:start + batch_size], top_k=1)
-            correct += sum(p.label == str(y)
-                           for p, y in zip(preds, labels[start:start + batch_size]))
-        return correct / len(images)
+        return prediction_accuracy(self.predict, images, labels, batch_size)
 
     def parameter_counts(self) -> Dict[str, int]:
         """Parameters trained for one task and the frozen backbone's (without classifier)."""

@@ -34,6 +34,7 @@ from .image_resize import resize_batch
 from .learner_changes import ChangesMixin
 from .learner_checkpoints import CheckpointMixin
 from .learner_fleet import FleetMixin
+from .metrics import prediction_accuracy
 from .model.backbones import Backbone, backbone_parameter_count, load_backbone
 from .model.learned_state import LearnedState
 from .precision import TrainingPrecision, resolve_precision
@@ -318,14 +319,7 @@ class ContinualLearner(ChangesMixin, FleetMixin, CheckpointMixin):
     def evaluate(self, images: Sequence[np.ndarray], labels: Sequence[str],
                  batch_size: int = 64) -> float:
         """Accuracy of ``predict`` on labelled images (labels as class names)."""
-        if not len(images):
-            return float('nan')
-        correct = 0
-        for start in range(0, len(images), batch_size):
-            preds = self.predict(images[start:start + batch_size], top_k=1)
-            correct += sum(p.topk[0][0] == y
-                           for p, y in zip(preds, labels[start:start + batch_size]))
-        return correct / len(images)
+        return prediction_accuracy(self.predict, images, labels, batch_size)
 
     # -------------------------------------------------------------- learning
     def learn_task(self, images: Sequence[np.ndarray], labels: Sequence[str], *,

@@ -17,7 +17,7 @@ With ``L = T - 1`` the index of the last task, the metrics follow the DualPrompt
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -26,6 +26,7 @@ __all__ = [
     'effective_rank',
     'forgetting',
     'format_matrix',
+    'prediction_accuracy',
     'learning_accuracy',
     'lower_triangle',
     'summarize',
@@ -195,3 +196,20 @@ def effective_rank(activations: Any) -> float:
         return 0.0
     p = s[s > 0] / total
     return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def prediction_accuracy(predict: Callable[..., Sequence[Any]], images: Sequence[np.ndarray],
+                        labels: Sequence[str], batch_size: int = 64) -> float:
+    """Share of ``images`` whose top-1 class from ``predict(batch, top_k=1)`` is the label.
+
+    Closed-set: the top class counts even where a learner would call the frame unknown (the
+    protocols score novelty separately). ``nan`` for no images.
+    """
+    if not len(images):
+        return float('nan')
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        preds = predict(images[start:start + batch_size], top_k=1)
+        correct += sum(p.topk[0][0] == str(y)
+                       for p, y in zip(preds, labels[start:start + batch_size]))
+    return correct / len(images)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,21 +32,11 @@ from tqdm import tqdm
 
 from ..learning.datasets import DatasetError, ImageDataset, load_dataset, split_tasks, task_subset
 from ..learning.metrics import format_matrix, summarize
-from . import ros_domain
+from .node_runner import NodeProcess, node_command, node_environment
 
 #: Cameras the demo streams test frames on; the node batches frames waiting on several.
 NUM_CAMERAS = 4
 NODE_NAME = 'cbpnet'
-
-
-def ros_environment() -> Dict[str, str]:
-    """Environment for the node and this client: DDS on loopback, a domain of this run."""
-    ros_domain.lock_unless_set()
-    env = dict(os.environ)
-    env.setdefault('AMENT_PREFIX_PATH', sys.prefix)
-    env['HF_HUB_OFFLINE'] = '1'
-    env['PYTHONUNBUFFERED'] = '1'
-    return env
 
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -80,45 +68,6 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.tasks < 1:
         p.error('--tasks must be >= 1')
     return args
-
-
-class NodeProcess:
-    """The real ``cbpnet_node`` console script in a subprocess."""
-
-    def __init__(self, params_file: Path, log_path: Path, env: Dict[str, str],
-                 extra_params: Sequence[str]) -> None:
-        exe = Path(sys.executable).parent / 'cbpnet_node'
-        cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'ros2_cbpnet.ros.node']
-        cmd += ['--ros-args', '--params-file', str(params_file)]
-        for item in extra_params:
-            cmd += ['-p', item]
-        self.log_path = log_path
-        self._log = open(log_path, 'ab')
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.proc.poll() is None
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGINT, wait, SIGKILL as a last resort; returns the exit code."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
-        return int(self.proc.returncode)
-
-    def tail(self, lines: int = 15) -> str:
-        """The last lines of the node's log."""
-        try:
-            return '\n'.join(self.log_path.read_text(errors='replace').splitlines()[-lines:])
-        except OSError:
-            return ''
 
 
 class DemoClient:
@@ -385,7 +334,7 @@ def _score(client: DemoClient, ds: ImageDataset, tasks: List[List[int]], upto: i
 
 def run(args: argparse.Namespace) -> int:
     """The demo; returns the process exit code."""
-    os.environ.update(ros_environment())
+    os.environ.update(node_environment())
     digits = args.dataset == 'digits'
     train_n = args.train_per_class if args.train_per_class is not None \
         else (None if digits else 200)
@@ -404,8 +353,9 @@ def run(args: argparse.Namespace) -> int:
     params = work / 'params.yaml'
     client = DemoClient()
     _params_file(params, args, checkpoint_dir, client.camera_topics)
-    env = ros_environment()
-    node = NodeProcess(params, out_dir / 'node.log', env, args.node_arg)
+    env = node_environment()
+    node = NodeProcess(node_command(params, extra_params=args.node_arg), out_dir / 'node.log',
+                       env)
     print(f'cbpnet-demo: {args.dataset}, {len(ds.classes)} classes in {len(tasks)} tasks, '
           f'{len(ds.train_images)} training and {len(ds.test_images)} test images; node log '
           f'{out_dir / "node.log"}; ROS_DOMAIN_ID={env["ROS_DOMAIN_ID"]}', flush=True)
@@ -459,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
         learner_diag = dict(client.diagnostics.get('learner', {}))
         inference = dict(client.diagnostics.get('inference', {}))
         node_alive = node.alive()
-        exit_code = node.stop()
+        exit_code = node.stop()['exit_code']
         client.close()
     if code == 0 and not node_alive:
         print('cbpnet-demo: the node died', file=sys.stderr)
@@ -514,12 +464,13 @@ def _restart(client: DemoClient, node: NodeProcess, params: Path, out_dir: Path,
              tasks: List[List[int]], t: int, row: List[float]
              ) -> Tuple[NodeProcess, Dict[str, Any]]:
     """Stop the node, start it again on the same checkpoint_dir, check nothing was lost."""
-    code = node.stop()
+    code = node.stop()['exit_code']
     print(f'  restarting the node (exit code {code}) ...', flush=True)
     with client._cond:
         client.labels = None
         client.diagnostics.clear()
-    node = NodeProcess(params, out_dir / 'node.log', env, args.node_arg)
+    node = NodeProcess(node_command(params, extra_params=args.node_arg), out_dir / 'node.log',
+                       env)
     client.wait_for_node(node, args.timeout_s)
     if not client.wait_for(lambda: client.labels is not None, args.timeout_s):
         raise RuntimeError('the restarted node did not publish ~/labels')

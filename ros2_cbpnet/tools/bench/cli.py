@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..cli_types import positive_int
+from ..cli_types import non_negative_int, positive_float, positive_int
 from .timing import CAMERA_RATE_HZ, log
 from .machine import cpu_times, machine_info, other_load
 from .report import format_table, targets
@@ -27,35 +27,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights file, or 'random' for random weights (default: the model's "
                         'own source; embedded weights for tf_efficientnet_lite0)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N (default auto)')
-    p.add_argument('--image-size', type=int, default=128,
+    p.add_argument('--image-size', type=positive_int, default=128,
                    help='model input side in pixels (default 128, the node default)')
     p.add_argument('--precision', default='fp32', choices=('fp32', 'fp16', 'bf16', 'auto'),
                    help='fp32, fp16 (training with a GradScaler), bf16, or auto (bf16 on a GPU '
                         'with native bf16, fp16 on older GPUs, fp32 on CPU); half precision '
                         'needs CUDA')
-    p.add_argument('--repeats', type=int, default=None,
+    p.add_argument('--repeats', type=positive_int, default=None,
                    help='timed rounds per figure; the median is reported (default 5, --quick 2)')
-    p.add_argument('--slice-s', type=float, default=None,
+    p.add_argument('--slice-s', type=positive_float, default=None,
                    help='seconds per timed sample of a throughput figure (default 1.0)')
-    p.add_argument('--warmup-s', type=float, default=None,
+    p.add_argument('--warmup-s', type=positive_float, default=None,
                    help='warm-up seconds per item before timing (default 1.0)')
     p.add_argument('--quick', action='store_true',
                    help='tiny and fast (tests): 2 rounds, short slices, a 40-image task, 1 epoch,'
                         ' no minimum of training steps, 4 tasks for the scaling figures')
-    p.add_argument('--threads', type=int, default=0,
+    p.add_argument('--threads', type=non_negative_int, default=0,
                    help='torch intra-op threads for this process, and OMP_NUM_THREADS of the '
                         'node subprocess (default: torch default, one per core)')
-    p.add_argument('--train-images', type=int, default=None,
+    p.add_argument('--train-images', type=positive_int, default=None,
                    help='images in each timed learning task (default 200, --quick 40)')
-    p.add_argument('--train-classes', type=int, default=2, help='classes per learned task')
-    p.add_argument('--epochs', type=int, default=None,
+    p.add_argument('--train-classes', type=positive_int, default=2,
+                   help='classes per learned task')
+    p.add_argument('--epochs', type=positive_int, default=None,
                    help='epochs per learned task (default: LearnerConfig default, --quick 1)')
-    p.add_argument('--batch-size', type=int, default=None,
+    p.add_argument('--batch-size', type=positive_int, default=None,
                    help='training batch size (default: LearnerConfig default)')
-    p.add_argument('--scaling-tasks', type=int, default=None,
+    p.add_argument('--scaling-tasks', type=positive_int, default=None,
                    help='N of tasks_scaling_2_50 and learn_time_ratio_50_2: tasks learned '
                         '(through learn_task) before comparing with 2 (default 50, --quick 4)')
-    p.add_argument('--scaling-images', type=int, default=16,
+    p.add_argument('--scaling-images', type=positive_int, default=16,
                    help='images per filler task on the way to N tasks (default 16)')
     p.add_argument('--prediction', default='',
                    help="the learner's prediction mode (LearnerConfig.prediction; default: the "
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--compare-naive', action='store_true',
                    help='also measure the model figures with fast_paths=False')
     p.add_argument('--skip-node', action='store_true', help='skip the ROS node figures')
-    p.add_argument('--node-seconds', type=float, default=20.0,
+    p.add_argument('--node-seconds', type=positive_float, default=20.0,
                    help='measured seconds per node configuration (default 20)')
     p.add_argument('--node-cameras', default='1,4',
                    help='raw (bgr8 Image) camera counts to run the node with (default 1,4)')
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='sample the node with py-spy during each camera configuration; raw '
                         'samples go to DIR, a per-thread breakdown into the JSON')
     p.add_argument('--py-spy', default='py-spy', help='the py-spy executable (default: PATH)')
-    p.add_argument('--node-timeout-s', type=float, default=180.0,
+    p.add_argument('--node-timeout-s', type=positive_float, default=180.0,
                    help='give up waiting for the node to start or learn after this long')
     p.add_argument('--out', default='', help='write the JSON here instead of stdout')
     p.add_argument('--no-table', action='store_true', help='no table on stderr')

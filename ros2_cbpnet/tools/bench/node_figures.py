@@ -14,11 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
-import signal
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,63 +23,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import ros_domain
-from .timing import CAMERA_RATE_HZ, FRAME_HW, log, percentiles, synthetic_frame, synthetic_task
+from ..node_runner import log_tail, node_command, node_environment, stop_process
+from .timing import (CAMERA_RATE_HZ, FRAME_HW, Pacer, log, percentiles, synthetic_frame,
+                     synthetic_task)
 from .memory import RSSSampler, proc_status_kb
 from .node_profile import breakdown_from_raw
 
 #: JPEG quality of the compressed camera frames (a typical camera driver setting).
 JPEG_QUALITY = 80
-
-
-def ros_env() -> Dict[str, str]:
-    """DDS on loopback, in a domain of this run's own (unless the caller chose one)."""
-    ros_domain.lock_unless_set()
-    env = dict(os.environ)
-    env.setdefault('PYTHONUNBUFFERED', '1')
-    env.setdefault('HF_HUB_OFFLINE', '1')
-    return env
-
-
-def node_command(params_file: str, command: str = '') -> List[str]:
-    """The command line that starts the node with ``params_file``."""
-    exe = os.path.join(os.path.dirname(sys.executable), 'cbpnet_node')
-    ros_args = ['--ros-args', '--params-file', params_file]
-    if command.strip():
-        return shlex.split(command) + ros_args
-    if os.access(exe, os.X_OK):
-        return [exe] + ros_args
-    return [sys.executable, '-c', 'import sys; from ros2_cbpnet.ros.node import main; '
-            'sys.exit(main())'] + ros_args
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> Dict[str, Any]:
-    """SIGINT, wait; escalate to SIGTERM and SIGKILL only if it will not stop."""
-    if proc.poll() is not None:
-        return {'exit_code': proc.returncode, 'signal': None, 'stop_s': 0.0}
-    t0 = time.monotonic()
-    for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 5.0),
-                        (signal.SIGKILL, 5.0)):
-        try:
-            proc.send_signal(sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait_s)
-            return {'exit_code': proc.returncode, 'signal': signal.Signals(sig).name,
-                    'stop_s': round(time.monotonic() - t0, 2)}
-        except subprocess.TimeoutExpired:
-            continue
-    return {'exit_code': proc.poll(), 'signal': 'SIGKILL', 'stop_s': round(
-        time.monotonic() - t0, 2)}
-
-
-def _tail(path: str, lines: int = 30) -> str:
-    try:
-        with open(path, encoding='utf-8', errors='replace') as f:
-            return ''.join(f.readlines()[-lines:])
-    except OSError:
-        return ''
 
 
 class _NodeBench:
@@ -179,10 +127,10 @@ def _wait(cond: Callable[[], bool], timeout_s: float, proc: subprocess.Popen, wh
     while not cond():
         if proc.poll() is not None:
             raise RuntimeError(f'cbpnet_node exited ({proc.returncode}) while waiting for '
-                               f'{what}; its log ends with:\n{_tail(log_path)}')
+                               f'{what}; its log ends with:\n{log_tail(log_path)}')
         if time.monotonic() - t0 > timeout_s:
             raise RuntimeError(f'timed out after {timeout_s:.0f} s waiting for {what}; node log '
-                               f'ends with:\n{_tail(log_path)}')
+                               f'ends with:\n{log_tail(log_path)}')
         time.sleep(period_s)
     return time.monotonic() - t0
 
@@ -247,7 +195,7 @@ def _camera_msgs(cams: int) -> Tuple[List[List[Any]], List[List[Any]], int]:
 
 def node_section(args) -> Dict[str, Any]:
     """cbpnet_node in a subprocess, fed by real DDS from this process."""
-    env = ros_env()
+    env = node_environment()
     if args.threads:
         env['OMP_NUM_THREADS'] = str(args.threads)
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -382,7 +330,7 @@ def node_section(args) -> Dict[str, Any]:
             bench.close()
     out['node_rss_peak_mb'] = {k: round(v / 1024, 1) for k, v in sampler.peaks_kb.items()}
     if out['stop']['signal'] != 'SIGINT' or out['stop']['exit_code'] not in (0, -2, 130):
-        out['log_tail'] = _tail(log_path, 20)
+        out['log_tail'] = log_tail(log_path, 20)
     return out
 
 
@@ -391,13 +339,12 @@ def _run_cameras(bench: _NodeBench, pubs: Sequence[Any], names: Sequence[str], m
                  profiler: Optional[_Profiler], run_name: str) -> Dict[str, Any]:
     """Publish ``len(pubs)`` staggered cameras at 30 Hz; count predictions of the window."""
     n_cams = len(pubs)
-    tick = 1.0 / (CAMERA_RATE_HZ * n_cams)  # cameras run with evenly spread phases
     published = [0] * n_cams
     bench.take_predictions()
     t_begin = time.perf_counter()
     t_measure = t_begin + warm_s
     t_end = t_measure + measure_s
-    next_t, k = t_begin, 0
+    pacer, k = Pacer(CAMERA_RATE_HZ, n_cams), 0
     wall_measure = wall_end = None
     while True:
         now = time.perf_counter()
@@ -416,14 +363,10 @@ def _run_cameras(bench: _NodeBench, pubs: Sequence[Any], names: Sequence[str], m
         pubs[cam].publish(msg)
         published[cam] += 1
         k += 1
-        next_t += tick
-        delay = next_t - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        elif delay < -tick:
-            next_t = time.perf_counter()  # fell behind: never burst
+        pacer.wait()
         if k % 30 == 0 and proc.poll() is not None:
-            raise RuntimeError(f'cbpnet_node exited ({proc.returncode}); log:\n{_tail(log_path)}')
+            raise RuntimeError(f'cbpnet_node exited ({proc.returncode}); log:\n'
+                               f'{log_tail(log_path)}')
     time.sleep(1.5)  # let the predictions of the last frames arrive
     preds = bench.take_predictions()
     duration = wall_end - wall_measure

@@ -133,11 +133,7 @@ def _runtime_table(r: Dict[str, Any]) -> str:
              f"by {rt['max_relative_difference']:.1e} (relative)",
              f"{'figure':<{width}}{'torch':>12}{'onnxruntime':>14}"]
     lines += [f'{a:<{width}}{b:>12}{c:>14}' for a, b, c in rows]
-    lines.append('targets:')
-    for t in r['targets']:
-        lines.append(f"  [{'met' if t['met'] else 'MISSED':>6}] {t['name']}: {t['value']} "
-                     f"(target {t['target']})")
-    return '\n'.join(lines)
+    return '\n'.join(lines + _target_lines(r['targets']))
 
 
 def format_table(r: Dict[str, Any]) -> str:
@@ -207,8 +203,10 @@ def format_table(r: Dict[str, Any]) -> str:
              f"{m.get('other_processes_cores_busy')} cores busy",
              f"{'figure':<{width}}{'fast':>12}{'naive' if naive else '':>12}"]
     lines += [f'{a:<{width}}{b:>12}{c:>12}' for a, b, c in rows]
-    lines.append('targets:')
-    for t in r['targets']:
-        lines.append(f"  [{'met' if t['met'] else 'MISSED':>6}] {t['name']}: {t['value']} "
-                     f"(target {t['target']})")
-    return '\n'.join(lines)
+    return '\n'.join(lines + _target_lines(r['targets']))
+
+
+def _target_lines(checked: List[Dict[str, Any]]) -> List[str]:
+    """The ``targets:`` block of a table: each target, met or missed, with value and bound."""
+    return ['targets:'] + [f"  [{'met' if t['met'] else 'MISSED':>6}] {t['name']}: "
+                           f"{t['value']} (target {t['target']})" for t in checked]

@@ -76,6 +76,28 @@ def synthetic_task(rng: np.random.Generator, classes: Sequence[str], n_images: i
     return images, labels
 
 
+class Pacer:
+    """Publish times of ``cameras`` cameras at ``rate_hz`` each, with evenly spread phases.
+
+    Call :meth:`wait` after each publish: it sleeps until the next one is due. A publisher
+    that fell more than one tick behind starts afresh instead of bursting to catch up (a
+    burst would measure the transport's queue, not the subscriber).
+    """
+
+    def __init__(self, rate_hz: float, cameras: int = 1) -> None:
+        self.tick = 1.0 / (rate_hz * cameras)
+        self._next = time.perf_counter()
+
+    def wait(self) -> None:
+        """Sleep until the next publish is due."""
+        self._next += self.tick
+        delay = self._next - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        elif delay < -self.tick:
+            self._next = time.perf_counter()
+
+
 class DeviceClock:
     """Synchronises the device around timers and reads CUDA peak memory (no-ops on CPU).
 
