@@ -65,6 +65,7 @@ def test_hub_weights_unreachable_tell_the_user_what_to_do(monkeypatch):
     assert 'HF_HUB_OFFLINE' in message
 
 
+@pytest.mark.slow
 def test_vit_b16_trainable_share_is_under_the_paper_bound():
     """design.md: the paper claims < 0.2% extra parameters for ViT-B/16 (no weights needed)."""
     from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig

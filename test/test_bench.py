@@ -61,6 +61,7 @@ def _model_figures(r, n_many=4):
     assert all(_positive(v) for v in scaling['inference_ips_by_tasks'].values())
 
 
+@pytest.mark.slow
 def test_model_figures_are_all_there(result):
     assert all(_positive(result['backbone_ips'][b]) for b in BATCHES)
     _model_figures(result)
@@ -70,6 +71,7 @@ def test_model_figures_are_all_there(result):
     assert 'train_floor_error' not in result
 
 
+@pytest.mark.slow
 def test_costs_that_must_not_grow_are_there(result):
     ts = result['tasks_scaling_2_50']
     assert ts['tasks'] == [2, 4] and ts['batch'] == 8
@@ -99,11 +101,13 @@ def test_costs_that_must_not_grow_are_there(result):
             mem[f'rss_mb_after_4{suffix}'] / mem[f'rss_mb_after_2{suffix}'], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_naive_comparison_is_there(result):
     _model_figures(result['naive'])
     assert all(_positive(v) for v in result['fast_over_naive'].values())
 
 
+@pytest.mark.slow
 def test_memory_and_checkpoint_figures(result):
     for phase in ('inference', 'learning'):
         mem = result['memory'][phase]
@@ -116,6 +120,7 @@ def test_memory_and_checkpoint_figures(result):
     assert 'cuda_peak_mb' not in result['memory'] and 'gpu' not in result  # CPU run
 
 
+@pytest.mark.slow
 def test_machine_settings_targets_and_spread(result):
     m = result['machine']
     for key in ('cpu_model', 'cpu_count', 'torch_threads', 'device', 'device_name',
@@ -138,6 +143,7 @@ def test_machine_settings_targets_and_spread(result):
     assert result['four_camera_classified_fraction'] is None
 
 
+@pytest.mark.slow
 def test_table_renders(result):
     table = bench.format_table(result)
     for part in ('inference_floor_ratio batch 8', 'naive', 'targets:', 'tasks_scaling_2_50',
@@ -145,6 +151,7 @@ def test_table_renders(result):
         assert part in table
 
 
+@pytest.mark.slow
 def test_gpu_summary_takes_its_figures_from_the_run(result):
     r = json.loads(json.dumps(result))
     r['memory']['cuda_peak_mb'] = {'fast_t2_b1': 10.0, 'fast_t2_b8': 20.0, 'train_fast': 30.0}
@@ -156,6 +163,7 @@ def test_gpu_summary_takes_its_figures_from_the_run(result):
     assert g['train_images'] == 40 and g['grad_scaler'] is False
 
 
+@pytest.mark.slow
 def test_json_to_stdout_auto_precision_and_default_learner(capsys):
     assert bench.main(QUICK + ['--repeats', '1', '--scaling-tasks', '3', '--precision', 'auto',
                                '--no-table']) == 0

@@ -391,6 +391,7 @@ def test_joint_learns_all_seen_classes_at_once(folder, tmp_path):
     assert r['average_accuracy'] >= 0.75
 
 
+@pytest.mark.slow
 def test_lifetime_protocol_reports_every_task(folder, tmp_path):
     out, plot = tmp_path / 'life.json', tmp_path / 'life.png'
     assert main(['--dataset', f'folder:{folder}', '--protocol', 'lifetime',
@@ -413,6 +414,7 @@ def test_lifetime_protocol_reports_every_task(folder, tmp_path):
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow
 def test_resume_keeps_finished_runs_and_reruns_the_rest(folder, tmp_path, monkeypatch):
     out = tmp_path / 'resume.json'
     argv = ['--dataset', f'folder:{folder}', '--tasks', '2', '--method', 'lda,ncm',

@@ -57,6 +57,7 @@ def test_exported_queries_equal_torch_on_real_photos(backbone):
     assert torch.allclose(single[0], out[2], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_and_torch_learn_and_predict_the_same(backbone, digits):
     """The demo's job on both runtimes: identical top-1 on every test image of digits."""
     tasks = split_tasks(10, 5)

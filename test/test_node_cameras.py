@@ -230,6 +230,7 @@ def test_a_dead_camera_thread_is_an_error_in_diagnostics():
     assert level == DiagnosticStatus.ERROR and 'camera thread' in message
 
 
+@pytest.mark.slow
 def test_sigint_while_cameras_stream_exits_cleanly(tmp_path):
     """The console script, two cameras streaming at 30 Hz (raw and JPEG, reliable) into the
     camera thread: SIGINT stops it with exit code 0 and nothing on its log but its own

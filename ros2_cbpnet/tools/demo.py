@@ -84,7 +84,7 @@ class DemoClient:
 
         self._rclpy = rclpy
         self.context = rclpy.Context()
-        rclpy.init(context=self.context)
+        rclpy.init(args=[], context=self.context)  # not our argv: no remap rules
         self.node = rclpy.create_node('cbpnet_demo', context=self.context)
         base = f'{namespace.rstrip("/")}/{NODE_NAME}'
         reliable = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,

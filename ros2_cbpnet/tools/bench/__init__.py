@@ -7,7 +7,7 @@ Modules, by concern:
 - :mod:`.scaling`: costs that must not grow with the number of learned tasks.
 - :mod:`.node_figures` and :mod:`.node_profile`: ``cbpnet_node`` over real DDS, cameras raw
   and JPEG, and where the node's time goes (py-spy).
-- :mod:`.memory`, :mod:`.machine`, :mod:`.common`: measurement helpers.
+- :mod:`.memory`, :mod:`.machine`, :mod:`.timing`: measurement helpers.
 - :mod:`.report`: the targets and the table.
 
 What is measured (design.md section 3, "Performance model"):

@@ -1,5 +1,5 @@
 """Resident memory of this process and of the node process (Linux /proc), for
-``cbpnet-bench``; CUDA peak memory lives in :class:`.common.DeviceClock`."""
+``cbpnet-bench``; CUDA peak memory lives in :class:`.timing.DeviceClock`."""
 from __future__ import annotations
 
 import ctypes

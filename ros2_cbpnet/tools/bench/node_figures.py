@@ -43,7 +43,7 @@ class _NodeBench:
 
         self.ns = ns
         self.context = rclpy.Context()
-        rclpy.init(context=self.context)
+        rclpy.init(args=[], context=self.context)  # not our argv: no remap rules
         self.node = rclpy.create_node('cbpnet_bench', context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)

@@ -1,7 +1,7 @@
 """``cbpnet-bench --runtime both``: torch and ONNX Runtime side by side, in one run.
 
 For each runtime of the frozen pass (``torch``, ``onnxruntime``), paired in the same timing
-rounds (:class:`.common.Rounds`), so load from other processes hits both alike:
+rounds (:class:`.timing.Rounds`), so load from other processes hits both alike:
 
 - ``bare_ips``: the frozen multi-layer query alone on normalised batches (torch eager under
   ``inference_mode``, or the ONNX Runtime session), images/s at batch 1, 4 and 8;
