@@ -78,6 +78,13 @@ def _no_process_outlives_its_test():
         warnings.warn(f'killed processes the test left running: {names}')
 
 
+@pytest.fixture(scope='module')
+def digits():
+    """scikit-learn's digits with the seed-0 split (shared by the learner and fleet tests)."""
+    from ros2_cbpnet.learning.datasets import load_dataset
+    return load_dataset('digits', seed=0)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Last resort: no child survives the run, and no shared memory of our killed nodes."""
     import proc_cleanup

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ros2_cbpnet.learning import fleet
-from ros2_cbpnet.learning.datasets import load_dataset, task_subset
+from ros2_cbpnet.learning.datasets import task_subset
 from ros2_cbpnet.learning.fleet import Contribution, FleetRefused, compact_scatter, decode, encode
 from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig, LearningError
 from ros2_cbpnet.learning.model import load_backbone
@@ -19,11 +19,6 @@ TASK_B = [4, 5]
 @pytest.fixture(scope='module')
 def backbone():
     return load_backbone('tf_efficientnet_lite0', image_size=64)
-
-
-@pytest.fixture(scope='module')
-def digits():
-    return load_dataset('digits', seed=0)
 
 
 def _learner(backbone, **kw):

@@ -19,7 +19,7 @@ from std_msgs.msg import UInt8MultiArray
 
 from ros2_cbpnet.learning import checkpoint as ckpt
 from ros2_cbpnet.learning import fleet
-from ros2_cbpnet.learning.datasets import load_dataset, task_subset
+from ros2_cbpnet.learning.datasets import task_subset
 from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig
 from ros_helpers import client_in_process, node_process, read_log, wait_until, \
     write_params_file
@@ -86,11 +86,6 @@ def _same_statistics(directory, reference):
     assert counts[i].tolist() == r_counts[j].tolist()
     assert float((means[i] - r_means[j]).norm() / r_means[j].norm()) < 1e-6
     assert float((scatter - r_scatter).norm() / r_scatter.norm()) < 1e-6
-
-
-@pytest.fixture(scope='module')
-def digits():
-    return load_dataset('digits', seed=0)
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ros2_cbpnet.learning import frozen_runtime
-from ros2_cbpnet.learning.datasets import load_dataset, split_tasks, task_subset
+from ros2_cbpnet.learning.datasets import split_tasks, task_subset
 from ros2_cbpnet.learning.frozen_runtime import (PARITY_RTOL, load_onnx_query, query_fingerprint,
                                                  resolve_providers)
 from ros2_cbpnet.learning.learner import ContinualLearner, LearnerConfig, LearningCancelled
@@ -24,11 +24,6 @@ LAYERS = [3, 4, 5, 6, 7]
 @pytest.fixture(scope='module')
 def backbone():
     return load_backbone('tf_efficientnet_lite0', image_size=128)
-
-
-@pytest.fixture(scope='module')
-def digits():
-    return load_dataset('digits', seed=0)
 
 
 def _photos():

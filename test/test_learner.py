@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ros2_cbpnet.learning import checkpoint as ckpt
-from ros2_cbpnet.learning.datasets import load_dataset, task_subset
+from ros2_cbpnet.learning.datasets import task_subset
 from ros2_cbpnet.learning.learner import (ContinualLearner, LearnerBusyError, LearnerConfig,
                                           LearningError)
 from ros2_cbpnet.learning.model import load_backbone
@@ -23,11 +23,6 @@ FAST = dict(image_size=48, epochs=3, batch_size=16, learning_rate=0.01, predicti
 @pytest.fixture(scope='module')
 def backbone():
     return load_backbone('tf_efficientnet_lite0', image_size=48)
-
-
-@pytest.fixture(scope='module')
-def digits():
-    return load_dataset('digits', seed=0)
 
 
 def _task(ds, class_ids, split='train', per_class=None):

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from ros2_cbpnet.learning.datasets import load_dataset, task_subset
+from ros2_cbpnet.learning.datasets import task_subset
 from ros2_cbpnet.learning.learner import (ContinualLearner, LearnerBusyError, LearnerConfig,
                                           LearningCancelled, LearningError)
 from ros2_cbpnet.learning.model import load_backbone
@@ -15,11 +15,6 @@ FAST = dict(image_size=32, epochs=2, batch_size=16, learning_rate=0.01)
 @pytest.fixture(scope='module')
 def backbone():
     return load_backbone('tf_efficientnet_lite0', image_size=32)
-
-
-@pytest.fixture(scope='module')
-def digits():
-    return load_dataset('digits', seed=0)
 
 
 def _task(ds, class_ids, split='train', start=0, per_class=None):
