@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
+from rclpy.node import NodeNameNonExistentError
 
 from ros_helpers import (LATCHED, NODE_EXECUTABLE, client_in_process, node_process,
                          noisy_images, read_log, wait_until, write_params_file)
@@ -32,9 +33,18 @@ def _change(client, transition):
 
 
 def _node_services(client, name):
-    """The node's own services called ``name`` (a client's proxies are not counted)."""
-    return [n for n, _ in client.get_service_names_and_types_by_node('cbpnet', NS)
-            if n.endswith('/' + name)]
+    """The node's own services called ``name`` (a client's proxies are not counted).
+
+    Waits until the graph lists the node with its lifecycle services, so an empty answer
+    means the service is absent, not that discovery has not caught up yet."""
+    def own():
+        try:
+            return [n for n, _ in client.get_service_names_and_types_by_node('cbpnet', NS)]
+        except NodeNameNonExistentError:
+            return []
+    assert wait_until(lambda: any(n.endswith('/get_state') for n in own()), 30), \
+        'the node and its lifecycle services never appeared in the ROS graph'
+    return [n for n in own() if n.endswith('/' + name)]
 
 
 def _learner(client, predicate, timeout=60):
