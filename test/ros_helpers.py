@@ -599,6 +599,21 @@ class RosClient(Node):
         """Call a ``std_srvs/Trigger`` service and wait for the answer."""
         return self.result(self.call_async(Trigger, name, timeout=timeout), timeout)
 
+    def teach_and_learn(self, images: Dict[str, Sequence[np.ndarray]],
+                        topic: str = '~/labelled_images',
+                        timeout: float = 180.0) -> Trigger.Response:
+        """Publish each label's images on ``topic``, wait until the node has buffered every
+        one of them, then learn them as one task; asserts that ``learn_task`` succeeded."""
+        for label, batch in images.items():
+            self.publish_images(topic, batch, label)
+        total = sum(len(batch) for batch in images.values())
+        assert self.wait_for_status('cbpnet: learner',
+                                    lambda level, v: int(v['buffer_samples']) == total, 60), \
+            f'the node never buffered the {total} images'
+        reply = self.call_trigger('~/learn_task', timeout=timeout)
+        assert reply.success, reply.message
+        return reply
+
     def get_parameters(self, names: Sequence[str], node: Optional[str] = None,
                        timeout: float = 30.0) -> Dict[str, Any]:
         """Values of parameters of ``node`` (default the target) over its get_parameters

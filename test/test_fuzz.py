@@ -327,12 +327,8 @@ def harness(tmp_path_factory):
     with node_in_process(params) as h:
         c = h.client
         rng = np.random.default_rng(0)
-        c.publish_images(LABELLED, noisy_images(RED, 6, rng=rng), 'red')
-        c.publish_images(LABELLED, noisy_images(BLUE, 6, rng=rng), 'blue')
-        assert c.wait_for_status('cbpnet: learner',
-                                 lambda level, v: int(v['buffer_samples']) == 12, 60)
-        reply = c.call_trigger('~/learn_task', timeout=180)
-        assert reply.success, reply.message
+        c.teach_and_learn({'red': noisy_images(RED, 6, rng=rng),
+                           'blue': noisy_images(BLUE, 6, rng=rng)}, topic=LABELLED)
         for topic, msg_type in ((CAM_RAW, Image), (CAM_Z, CompressedImage),
                                 (LABELLED, Image), (LABELLED_Z, CompressedImage),
                                 (TEACH, String)):

@@ -70,10 +70,8 @@ def test_configure_activate_deactivate_cleanup_over_dds(tmp_path):
         assert _state(c) == State.PRIMARY_STATE_INACTIVE
         # Inactive: learning works, nothing is classified, the cameras are not subscribed.
         rng = np.random.default_rng(0)
-        c.publish_images('~/labelled_images', noisy_images(RED, 4, rng=rng), 'red')
-        c.publish_images('~/labelled_images', noisy_images(BLUE, 4, rng=rng), 'blue')
-        _learner(c, lambda v: int(v['buffer_samples']) == 8)
-        assert c.call_trigger('~/learn_task', timeout=180).success
+        c.teach_and_learn({'red': noisy_images(RED, 4, rng=rng),
+                           'blue': noisy_images(BLUE, 4, rng=rng)})
         labels = c.collect('~/labels', qos=LATCHED)
         assert labels.wait_for(lambda m: m['classes'] == ['blue', 'red'], timeout=30)
         assert c.count_subscribers(CAM) == 0

@@ -32,12 +32,8 @@ def four(tmp_path_factory):
     with node_in_process(params, namespace=NS) as h:
         c = h.client
         rng = np.random.default_rng(0)
-        c.publish_images('~/labelled_images', noisy_images(RED, 4, rng=rng), 'red')
-        c.publish_images('~/labelled_images', noisy_images(BLUE, 4, rng=rng), 'blue')
-        assert c.wait_for_status('cbpnet: learner',
-                                 lambda level, v: int(v['buffer_samples']) == 8, 60)
-        reply = c.call_trigger('~/learn_task', timeout=180)
-        assert reply.success, reply.message
+        c.teach_and_learn({'red': noisy_images(RED, 4, rng=rng),
+                           'blue': noisy_images(BLUE, 4, rng=rng)})
         for topic in CAMS:
             msg_type = CompressedImage if topic.endswith('/compressed') else Image
             assert c.wait_for_subscribers(f'/{NS}/{topic}', msg_type, timeout=30), topic

@@ -80,12 +80,8 @@ def test_classification_and_vision_info_are_published_with_vision_msgs(monkeypat
         assert [m.database_version for m in info.snapshot()] == [0]
 
         rng = np.random.default_rng(0)
-        c.publish_images('~/labelled_images', noisy_images(RED, 5, rng=rng), 'red')
-        c.publish_images('~/labelled_images', noisy_images(BLUE, 5, rng=rng), 'blue')
-        assert c.wait_for_status('cbpnet: learner',
-                                 lambda level, v: int(v['buffer_samples']) == 10, 60)
-        reply = c.call_trigger('~/learn_task', timeout=180)
-        assert reply.success, reply.message
+        c.teach_and_learn({'red': noisy_images(RED, 5, rng=rng),
+                           'blue': noisy_images(BLUE, 5, rng=rng)})
 
         # ~/vision_info after learning: the model version, where the labels are, the method.
         first, latest = info.snapshot()[0], info.snapshot()[-1]
