@@ -48,7 +48,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
 import yaml  # noqa: E402
@@ -63,6 +62,7 @@ from std_srvs.srv import Trigger  # noqa: E402
 
 from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg  # noqa: E402
 from ros2_cbpnet.ros.diagnostics import status_prefix  # noqa: E402
+from ros2_cbpnet.tools.synthetic import camera_frame  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = f'/soak{os.getpid()}'
@@ -80,19 +80,6 @@ def rss_kb(pid: int) -> Optional[int]:
     except OSError:
         return None
     return None
-
-
-def scene(width: int, height: int, seed: int) -> np.ndarray:
-    """A smooth synthetic camera frame (gradients and discs, mild noise)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)],
-                   -1).astype(np.uint8)
-    for _ in range(6):
-        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-        cv2.circle(img, (int(rng.integers(width)), int(rng.integers(height))),
-                   int(rng.integers(10, max(11, height // 3))), colour, -1)
-    return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
 
 
 def class_images(colour: np.ndarray, count: int, rng: np.random.Generator,
@@ -276,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         frames = []
         for i, topic in enumerate(cameras):
-            images = [scene(args.width, args.height, 100 * i + k) for k in range(4)]
+            images = [camera_frame(args.width, args.height, 100 * i + k) for k in range(4)]
             msgs = [rgb_to_compressed_msg(img, 'jpeg') if topic.endswith('/compressed')
                     else rgb_to_image_msg(img, 'rgb8') for img in images]
             for msg in msgs:

@@ -47,6 +47,7 @@ from std_srvs.srv import Trigger
 
 from proc_cleanup import TrackedProcess, sweep_shm
 from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+from ros2_cbpnet.tools.synthetic import camera_frame, scene
 
 #: The console script installed in this interpreter's environment (the venv).
 NODE_EXECUTABLE = Path(sys.executable).parent / 'cbpnet_node'
@@ -100,7 +101,7 @@ def ros_env(**extra: str) -> Dict[str, str]:
 
 
 def soak_module() -> Any:
-    """``scripts/soak.py`` as a module, for its camera-frame maker (``scene``) and RSS reader."""
+    """``scripts/soak.py`` as a module, for its RSS reader and summary."""
     import importlib.util
     path = Path(__file__).resolve().parents[1] / 'scripts' / 'soak.py'
     spec = importlib.util.spec_from_file_location('cbpnet_soak', path)
@@ -112,31 +113,21 @@ def soak_module() -> Any:
 def noisy_scene(height: int, width: int, seed: int = 0, channels: int = 3) -> np.ndarray:
     """Gradients, sharp-edged discs and Gaussian noise (sigma 12), uint8: the hard case for
     resampling and compression (``channels`` 1: the green plane)."""
-    import cv2
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (height + width)],
-                   -1).astype(np.uint8)
-    for _ in range(20):
-        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-        cv2.circle(img, (int(rng.integers(width)), int(rng.integers(height))),
-                   int(rng.integers(3, max(4, height // 4))), colour, -1)
-    img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+    img = scene(height, width, seed)
     return img if channels == 3 else np.ascontiguousarray(img[:, :, 1])
 
 
 def camera_frames(topics: Sequence[str], count: int = 3) -> List[Tuple[str, List[Any]]]:
     """``count`` pre-built frames per camera topic, ``header.frame_id`` = ``cam<i>``: JPEG
-    640x480 on ``.../compressed`` topics, raw rgb8 320x240 on the others (``soak.scene``)."""
-    from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
-    scene = soak_module().scene
+    640x480 on ``.../compressed`` topics, raw rgb8 320x240 on the others."""
     out = []
     for i, topic in enumerate(topics):
         if topic.endswith('/compressed'):
-            msgs = [rgb_to_compressed_msg(scene(640, 480, 10 * i + k), 'jpeg')
+            msgs = [rgb_to_compressed_msg(camera_frame(640, 480, 10 * i + k), 'jpeg')
                     for k in range(count)]
         else:
-            msgs = [rgb_to_image_msg(scene(320, 240, 10 * i + k), 'rgb8') for k in range(count)]
+            msgs = [rgb_to_image_msg(camera_frame(320, 240, 10 * i + k), 'rgb8')
+                    for k in range(count)]
         for m in msgs:
             m.header.frame_id = f'cam{i}'
         out.append((topic, msgs))

@@ -213,6 +213,7 @@ def test_short_soak_memory_per_task(tmp_path):
     from rclpy.qos import qos_profile_sensor_data
 
     from ros2_cbpnet.ros.image_codec import rgb_to_compressed_msg, rgb_to_image_msg
+    from ros2_cbpnet.tools.synthetic import camera_frame
     from ros_helpers import (client_in_process, node_process, read_log, soak_module,
                              write_params_file)
 
@@ -231,7 +232,7 @@ def test_short_soak_memory_per_task(tmp_path):
         assert c.call_trigger('~/clear_buffer', timeout=180).success, read_log(proc)
         streams = []
         for i, topic in enumerate(cams):
-            images = [soak.scene(320, 240, 100 * i + k) for k in range(4)]
+            images = [camera_frame(320, 240, 100 * i + k) for k in range(4)]
             msgs = [rgb_to_compressed_msg(img, 'jpeg') if topic.endswith('/compressed')
                     else rgb_to_image_msg(img, 'rgb8') for img in images]
             streams.append((c.publisher(topic, type(msgs[0]), qos_profile_sensor_data), msgs))
