@@ -46,7 +46,7 @@ $(COLCON_STAMP): $(STAMP)
 test: install colcon-tools
 	$(ROS_ENV) $(IN_DOMAIN) $(PY) -m pytest test $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install colcon-tools
 	$(ROS_ENV) $(IN_DOMAIN) $(PY) -m pytest test -m "not slow" $(PYTEST_ARGS)
 
 # The Debian package of Fashion-MNIST (the demo's second data set; CI installs it so that its

@@ -26,7 +26,7 @@ declare -A DATA=(
   [fmnist200]="--dataset fashion-mnist --train-per-class 200 --test-per-class 100"
   [fmnist1000]="--dataset fashion-mnist --train-per-class 1000 --test-per-class 200"
 )
-PARTS=${*:-"paper compare ablation fewshot unknown lifetime plasticity spread adapt"}
+PARTS=${*:-"paper compare ablation fewshot unknown lifetime plasticity spread keys adapt"}
 
 for part in $PARTS; do
   case $part in
