@@ -42,7 +42,7 @@ from ros2_cbpnet.ros.image_codec import (SUPPORTED_ENCODINGS, ImageRejected, com
 from ros2_cbpnet.ros.sample_buffer import validate_label
 from ros_helpers import RELIABLE, noisy_images, node_in_process, wait_until
 
-pytestmark = [pytest.mark.ros]  # ~15 s: part of the fast set too
+pytestmark = [pytest.mark.ros]
 
 SEED = 20240611
 PHASE_A_MESSAGES = 800
@@ -336,6 +336,9 @@ def harness(tmp_path_factory):
         yield h
 
 
+# Slow tier: 7 s while another process keeps a core busy, but 60-110 s on an idle machine,
+# where rounds wait 0.5-3 s to be counted (cause not found; README, Development).
+@pytest.mark.slow
 def test_fuzz_every_input_counts_every_bad_message(harness, capfd):
     node, c = harness.node, harness.client
     fuzz = Fuzzer(SEED)
