@@ -89,10 +89,11 @@ for part in $PARTS; do
         --out "$OUT/sweep_t${tasks}" > "$OUT/sweep_${part}_t${tasks}.txt"
     done ;;
   adapt)  # the bounded adapt-then-accumulate study (validation splits)
-    .venv/bin/python scripts/adapt_study.py --train-per-class 1000 --seeds 0,1,2 \
-      --out "$OUT/adapt_1000.json" > "$OUT/adapt_1000.txt"
-    .venv/bin/python scripts/adapt_study.py --train-per-class 6000 --seeds 0,1 \
-      --out "$OUT/adapt_6000.json" > "$OUT/adapt_6000.txt" ;;
+    # (adapt_study.py has no --resume: a finished file is skipped as run() skips its own)
+    [ -f "$OUT/adapt_1000.json" ] || .venv/bin/python scripts/adapt_study.py \
+      --train-per-class 1000 --seeds 0,1,2 --out "$OUT/adapt_1000.json" > "$OUT/adapt_1000.txt"
+    [ -f "$OUT/adapt_6000.json" ] || .venv/bin/python scripts/adapt_study.py \
+      --train-per-class 6000 --seeds 0,1 --out "$OUT/adapt_6000.json" > "$OUT/adapt_6000.txt" ;;
   lifetime)  # 50 new pairs of classes; the learned recipe with CBP on and off
     for d in fashion-mnist digits; do
       run "$OUT/${d}_lifetime.json" --dataset $d --protocol lifetime --lifetime-tasks 50 \

@@ -46,7 +46,7 @@ from .types import (LearnerBusyError, LearningCancelled, LearningError, Predicti
 __all__ = [
     'ARCH_FIELDS', 'ContinualLearner', 'LearnerBusyError', 'LearnerConfig',
     'LearningCancelled', 'LearningError', 'MAX_LABEL_LENGTH', 'Prediction', 'Progress',
-    'TaskResult', 'UNDO_DEPTH', 'resize_batch', 'resolve_device',
+    'TaskResult', 'UNDO_DEPTH', 'resize_batch', 'resolve_device', 'resolve_layout',
     'steps_for',
 ]
 
@@ -57,6 +57,27 @@ _log = logging.getLogger(__name__)
 _CHUNK_PIXELS = 64 * 128 * 128
 #: Samples per slice of the (samples x query) statistics products after the frozen pass.
 _ROWS = 512
+
+
+def resolve_layout(config: LearnerConfig, backbone: Backbone) -> LearnerConfig:
+    """``config`` with its empty layout fields filled with ``backbone``'s family defaults
+    (``[-1]``: no G-prompt / the last layer as the query). Apply once: a resolved empty
+    ``g_prompt_layers`` means "no G-prompt"."""
+    g, e = backbone.default_prompt_layers()
+    changes: Dict[str, Any] = {}
+    if not config.g_prompt_layers:
+        changes['g_prompt_layers'] = g
+    elif config.g_prompt_layers == [-1]:
+        changes['g_prompt_layers'] = []
+    if not config.e_prompt_layers:
+        changes['e_prompt_layers'] = e
+    if not config.query_layers:
+        changes['query_layers'] = backbone.default_query_layers()
+    elif config.query_layers == [-1]:
+        changes['query_layers'] = [backbone.num_layers - 1]
+    if not config.image_size:
+        changes['image_size'] = backbone.input_size
+    return config.replace(**changes) if changes else config
 
 
 class ContinualLearner(ChangesMixin, FleetMixin, CheckpointMixin):
@@ -91,7 +112,7 @@ class ContinualLearner(ChangesMixin, FleetMixin, CheckpointMixin):
         self.backbone = backbone if backbone is not None else load_backbone(
             config.backbone, config.backbone_checkpoint, image_size=config.image_size)
         self.backbone.to(self.device)
-        self.config = self._resolve_layout(config)
+        self.config = resolve_layout(config, self.backbone)
         self._precision = TrainingPrecision(self.device, self.config.precision)
         mean = torch.tensor(self.backbone.mean, dtype=torch.float32, device=self.device)
         std = torch.tensor(self.backbone.std, dtype=torch.float32, device=self.device)
@@ -144,24 +165,6 @@ class ContinualLearner(ChangesMixin, FleetMixin, CheckpointMixin):
                 and self.config.fast_paths:
             return self._onnx.name, self._onnx.provider
         return 'torch', str(self.device)
-
-    def _resolve_layout(self, config: LearnerConfig) -> LearnerConfig:
-        """Fill empty layout fields with the backbone family's defaults."""
-        g, e = self.backbone.default_prompt_layers()
-        changes: Dict[str, Any] = {}
-        if not config.g_prompt_layers:
-            changes['g_prompt_layers'] = g
-        elif config.g_prompt_layers == [-1]:
-            changes['g_prompt_layers'] = []
-        if not config.e_prompt_layers:
-            changes['e_prompt_layers'] = e
-        if not config.query_layers:
-            changes['query_layers'] = self.backbone.default_query_layers()
-        elif config.query_layers == [-1]:
-            changes['query_layers'] = [self.backbone.num_layers - 1]
-        if not config.image_size:
-            changes['image_size'] = self.backbone.input_size
-        return config.replace(**changes) if changes else config
 
     def _new_state(self) -> LearnedState:
         c = self.config

@@ -44,7 +44,6 @@ class CBPNetLifecycleNode(NodeCore, InputsMixin, OutputsMixin, LifecycleNode):
         self._init_core()
         self._log_handler: Optional[Any] = forward_package_logs(self.get_logger())
         self._declared = declare_parameters(self)
-        self._configured = False
 
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         """Load the backbone and the checkpoint; create every interface but the cameras."""
@@ -55,7 +54,6 @@ class CBPNetLifecycleNode(NodeCore, InputsMixin, OutputsMixin, LifecycleNode):
             self.get_logger().error(f'configure failed: {exc}')
             self._cleanup()
             return TransitionCallbackReturn.FAILURE
-        self._configured = True
         self.get_logger().info('configured: ' + self._ready_message(loaded))
         return TransitionCallbackReturn.SUCCESS
 
@@ -79,7 +77,6 @@ class CBPNetLifecycleNode(NodeCore, InputsMixin, OutputsMixin, LifecycleNode):
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
         """Release the model and the interfaces."""
         self._cleanup()
-        self._configured = False
         self.get_logger().info('cleaned up: the model is released')
         return TransitionCallbackReturn.SUCCESS
 
@@ -87,8 +84,12 @@ class CBPNetLifecycleNode(NodeCore, InputsMixin, OutputsMixin, LifecycleNode):
         """Clean up from any state."""
         if self._configured:
             self._cleanup()
-            self._configured = False
         return TransitionCallbackReturn.SUCCESS
+
+    @property
+    def _configured(self) -> bool:
+        """True between a successful configure and cleanup (the model exists)."""
+        return self._model is not None
 
     def _declared_value(self, name: str) -> Any:
         return plain_value(self.get_parameter(name).value)
@@ -97,7 +98,6 @@ class CBPNetLifecycleNode(NodeCore, InputsMixin, OutputsMixin, LifecycleNode):
         """Clean up, then destroy the node."""
         if self._configured:
             self._cleanup()
-            self._configured = False
         if self._log_handler is not None:
             stop_forwarding(self._log_handler)
             self._log_handler = None

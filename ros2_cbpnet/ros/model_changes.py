@@ -21,16 +21,14 @@ import concurrent.futures
 import dataclasses
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple
 
 from ..learning.checkpoint import CheckpointError
 from ..learning.fleet import Contribution, FleetLedger
 from ..learning.learner import ContinualLearner, LearningCancelled, LearningError, Progress
 from ..learning.types import TaskResult
+from .callbacks import error_reply
 from .sample_buffer import SampleBuffer
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .fleet_link import FleetLink  # noqa: F401 - the usual implementation of FleetHooks
 
 __all__ = ['CANCEL_WAIT_S', 'FleetHooks', 'Logger', 'MODEL_LOCK_WAIT_S', 'ModelChanges', 'Reply']
 
@@ -69,10 +67,6 @@ class FleetHooks(Protocol):
 
     def forgotten(self, label: str) -> None:
         ...
-
-
-def _describe(exc: BaseException) -> str:
-    return f'{type(exc).__name__}: {exc}'
 
 
 class ModelChanges:
@@ -186,7 +180,7 @@ class ModelChanges:
                 self._log.error(f'learn_task failed: {exc}')
                 return False, {'error': str(exc)}
             except Exception as exc:  # noqa: BLE001 - keep the node (and the old model) alive
-                self._outcome, self.last_error = 'failed', _describe(exc)
+                self._outcome, self.last_error = 'failed', error_reply(exc)
                 self._log.error(f'learn_task failed unexpectedly: {self.last_error}')
                 return False, {'error': f'learning failed unexpectedly: {self.last_error}'}
             finally:

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
+from rclpy.logging import LoggingSeverity
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from ..learning.image_resize import resize_image
 from ..learning.types import Prediction
 from .callbacks import error_reply, guarded_callback
-from .counters import NodeStats  # noqa: F401 - the type of self._stats
 from .diagnostics import BAD_LABEL
 from .image_codec import ImageRejected, compressed_msg_to_rgb, draw_label, image_msg_to_rgb
 from .sample_buffer import validate_label
@@ -166,11 +166,12 @@ class InputsMixin:
         started = time.monotonic()
         predictions = self.learner.predict([f.rgb for f in frames],
                                            top_k=self._values['top_k'])
-        self.get_logger().debug(
-            f'classified {len(frames)} frame(s) in {(time.monotonic() - started) * 1e3:.1f} ms '
-            f'({predictions[0].runtime}): ' + ', '.join(
-                f'{f.topic} -> {p.label} {p.score:.2f}' for f, p in zip(frames, predictions)),
-            throttle_duration_sec=1.0)
+        if self.get_logger().is_enabled_for(LoggingSeverity.DEBUG):  # not built per batch
+            self.get_logger().debug(
+                f'classified {len(frames)} frame(s) in {(time.monotonic() - started) * 1e3:.1f}'
+                f' ms ({predictions[0].runtime}): ' + ', '.join(
+                    f'{f.topic} -> {p.label} {p.score:.2f}' for f, p in zip(frames, predictions)),
+                throttle_duration_sec=1.0)
         want_debug = self._debug_pub.get_subscription_count() > 0
         vision = self._classification_pub if self._values['publish_vision_msgs'] else None
         for frame, pred in zip(frames, predictions):

@@ -15,12 +15,10 @@ from typing import Deque, Dict, Optional, OrderedDict, Sequence, Tuple
 
 import numpy as np
 
+from ..learning.config import MAX_LABEL_LENGTH
 from ..learning.image_resize import resize_image
 
 __all__ = ['BufferSnapshot', 'MAX_LABEL_LENGTH', 'SampleBuffer', 'validate_label']
-
-#: Longest accepted label, in characters (after stripping surrounding whitespace).
-MAX_LABEL_LENGTH = 128
 
 
 def validate_label(label: object) -> str:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from ..learning.datasets import ImageDataset
 from ..learning.image_resize import resize_batch
-from ..learning.learner import LearnerConfig, resolve_device
+from ..learning.learner import LearnerConfig, resolve_device, resolve_layout
 from ..learning.metrics import effective_rank
 from ..learning.model.backbones import Backbone, backbone_parameter_count
 from ..learning.model.cbp import CBPBlock
@@ -109,11 +109,9 @@ class _LearnedPath:
         if self.first_layer is not None:
             if backbone is None:
                 raise ValueError('prompts need the backbone')
-            g, e = backbone.default_prompt_layers()
             self.prompts = PromptPool(
-                backbone, g_prompt_length=c.g_prompt_length,
-                g_prompt_layers=[] if c.g_prompt_layers == [-1] else (c.g_prompt_layers or g),
-                e_prompt_length=c.e_prompt_length, e_prompt_layers=c.e_prompt_layers or e,
+                backbone, g_prompt_length=c.g_prompt_length, g_prompt_layers=c.g_prompt_layers,
+                e_prompt_length=c.e_prompt_length, e_prompt_layers=c.e_prompt_layers,
                 key_dim=1)
             self.prompts.add_task(inputs.train.device)
             dim = backbone.feature_dim
@@ -168,7 +166,8 @@ def run_plasticity(inputs: FrozenInputs, config: LearnerConfig, *,
 
     Uses ``config``'s optimiser (Adam, ``learning_rate``, ``batch_size``, ``epochs``,
     ``grad_clip_norm``), CBP block and prompt settings and ``seed``; the optimiser is
-    re-created for every task, as the learner does.
+    re-created for every task, as the learner does. With inputs that enter at a prompted
+    layer, ``config``'s layout must be resolved (:func:`resolve_layout`).
 
     Raises:
         ValueError: an unknown ``path``, or fewer than 2 classes.
@@ -257,8 +256,8 @@ def run_plasticity_method(method: str, data: ImageDataset, config: LearnerConfig
         raise ValueError(f'the plasticity protocol runs learner methods, not {method!r}')
     first_layer = None
     if args.plasticity_prompts:
-        g, e = backbone.default_prompt_layers()
-        first_layer = min((config.g_prompt_layers or g) + (config.e_prompt_layers or e))
+        config = resolve_layout(config, backbone)  # as the learner reads it, [-1] included
+        first_layer = min(config.g_prompt_layers + config.e_prompt_layers)
     if first_layer not in cache:
         cache[first_layer] = frozen_inputs(data, backbone, config.image_size, config.device,
                                            first_layer)
