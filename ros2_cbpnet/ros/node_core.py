@@ -9,18 +9,14 @@ import gc
 import os
 import socket
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.parameter import Parameter
-from rclpy.publisher import Publisher
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.service import Service
-from rclpy.subscription import Subscription
-from rclpy.timer import Timer
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
@@ -69,7 +65,7 @@ class NodeCore:
         self._model: Optional[ModelChanges] = None
         self._cameras: Optional[CameraInput] = None
         self._fleet: Optional[FleetLink] = None
-        self._entities: List[Tuple[Callable[[Any], Any], Any]] = []  # configure's, for cleanup
+        self._entities: List[Any] = []      # what configure created, for cleanup
         self._callbacks_added = False
         self._camera_topics: List[str] = []
 
@@ -170,14 +166,8 @@ class NodeCore:
                 f'use: {exc}. Refusing to start; the checkpoint is left untouched.')
 
     def _own(self, entity: Any) -> Any:
-        """Remember an entity created at configure, with the call that destroys it at
-        cleanup."""
-        destroy = next(d for kind, d in ((Subscription, self.destroy_subscription),
-                                         (Service, self.destroy_service),
-                                         (Publisher, self.destroy_publisher),
-                                         (Timer, self.destroy_timer))
-                       if isinstance(entity, kind))
-        self._entities.append((destroy, entity))
+        """Remember an entity created at configure, to destroy it at cleanup."""
+        self._entities.append(entity)
         return entity
 
     def _create_interfaces(self) -> None:
@@ -273,8 +263,14 @@ class NodeCore:
             self._model.wait_idle(10.0)
         if self._fleet is not None:
             self._fleet.destroy()
-        for destroy, entity in reversed(self._entities):
-            destroy(entity)
+        for entity in reversed(self._entities):
+            for destroy in (self.destroy_subscription, self.destroy_service,
+                            self.destroy_publisher, self.destroy_timer):
+                try:
+                    if destroy(entity):
+                        break
+                except (TypeError, AttributeError):
+                    continue
         self._entities = []
         self._model = self._fleet = self._worker = None
         self.learner = self.buffer = None
